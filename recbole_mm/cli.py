@@ -1,0 +1,49 @@
+"""Command line of ``run_recbole_mm.py`` (RecBole's conventions: --model, --dataset, --key=value)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_recbole_mm.py",
+        description="Train and evaluate a recbole-mm model or any RecBole model. Any other "
+                    "--key=value is a RecBole/recbole-mm config override (e.g. --epochs=5).")
+    parser.add_argument("--model", "-m", default="LRURec", help="model name (ours or RecBole's)")
+    parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name")
+    parser.add_argument("--config_files", default=None, help="space-separated yaml files")
+    parser.add_argument("--resume", default=None, help="checkpoint (.pth) of a run to continue")
+    parser.add_argument("--result_file", default=None, help="write the results as JSON here")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = build_parser().parse_known_args(argv)
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
+    if bad:
+        print(f"error: unrecognised arguments {bad}: overrides must look like --key=value", file=sys.stderr)
+        return 2
+    from recbole_mm.quick_start import run_recbole_mm
+
+    config_files = args.config_files.split() if args.config_files else None
+    try:
+        result = run_recbole_mm(model=args.model, dataset=args.dataset, config_file_list=config_files,
+                                argv=rest, resume=args.resume)
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.result_file:
+        tmp = args.result_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2, default=str)
+        os.replace(tmp, args.result_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""A RecBole ``Config`` that knows recbole-mm's models and property files."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+
+from recbole.config import Config as RecBoleConfig
+from recbole.utils import ModelType
+
+
+def properties_dir() -> str:
+    """Folder of the property files shipped with the package (``properties/`` in the source tree)."""
+    return str(resources.files("recbole_mm.properties"))
+
+
+def _property_file(*parts: str) -> str | None:
+    path = os.path.join(properties_dir(), *parts)
+    return path if os.path.isfile(path) else None
+
+
+class Config(RecBoleConfig):
+    """RecBole's ``Config`` with three changes, each small and named:
+
+    - model names resolve through :func:`recbole_mm.utils.get_model` (plugin first, then RecBole);
+    - our ``overall.yaml``, ``model/<Model>.yaml`` and ``dataset/<name>.yaml`` are layered on top of
+      RecBole's internal defaults (so user files, ``config_dict`` and the command line still win);
+    - command-line overrides come from ``argv`` (a list of ``--key=value``), not from ``sys.argv``,
+      so that library calls (tests, tuning) are not influenced by the host process's arguments.
+
+    A CE-loss model gets ``train_neg_sample_args: None`` unless the user set it, which is what
+    RecBole requires for CE and what its own quick-start examples write by hand.
+    """
+
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, argv=None):
+        self._argv = list(argv or [])
+        super().__init__(model, dataset, config_file_list, config_dict)
+
+    def _load_cmd_line(self):
+        cmd = {}
+        for arg in self._argv:
+            if not arg.startswith("--") or "=" not in arg:
+                raise ValueError(f"command-line override {arg!r} is not of the form --key=value")
+            key, value = arg[2:].split("=", 1)
+            if key in cmd and cmd[key] != value:
+                raise ValueError(f"command-line override --{key} is given twice with different values")
+            cmd[key] = value
+        return self._convert_config_dict(cmd)
+
+    def _get_model_and_dataset(self, model, dataset):
+        if model is None:
+            model = self.external_config_dict.get("model")
+            if model is None:
+                raise KeyError("no model given: pass --model=NAME (or `model:` in a config file)")
+        if isinstance(model, str):
+            from recbole_mm.utils import get_model
+
+            model = get_model(model)
+        return super()._get_model_and_dataset(model, dataset)
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        for path in (_property_file("overall.yaml"), _property_file("model", f"{model}.yaml")):
+            if path:
+                self._update_internal_config_dict(path)
+        path = _property_file("dataset", f"{dataset}.yaml")
+        if path:
+            keys = self._update_internal_config_dict(path) or {}
+            self.parameters["Dataset"] += [k for k in keys if k not in self.parameters["Dataset"]]
+
+    def _set_default_parameters(self):
+        cfg = self.final_config_dict
+        if (cfg.get("MODEL_TYPE") == ModelType.SEQUENTIAL and cfg.get("loss_type") == "CE"
+                and "train_neg_sample_args" not in self.external_config_dict):
+            cfg["train_neg_sample_args"] = None
+        if cfg.get("train_positions", "last") not in ("last", "all"):
+            raise ValueError(f"train_positions must be 'last' or 'all', not {cfg['train_positions']!r}")
+        if cfg.get("train_positions") == "all" and not getattr(self.model_class, "supports_all_positions", False):
+            raise ValueError(
+                f"train_positions='all' (one sequence per user, loss at every position) is not supported "
+                f"by {self.model}; use train_positions='last' (RecBole's prefix samples)")
+        super()._set_default_parameters()

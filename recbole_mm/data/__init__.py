@@ -1,0 +1,1 @@
+"""Datasets: RecBole atomic files plus multimodal side files (text, images, captions, embeddings)."""

@@ -1,0 +1,1 @@
+"""Dataset classes selected by model name (``<Model>Dataset``), looked up before RecBole's."""

@@ -1,0 +1,102 @@
+"""Entry points in RecBole's conventions: ``run_recbole_mm``, ``objective_function``, ``load_data_and_model``."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from logging import getLogger
+
+import torch
+from recbole.utils import init_logger, init_seed
+
+from recbole_mm.config import Config
+from recbole_mm.utils import create_dataset, data_preparation, get_model, get_trainer
+
+
+def peak_memory_mb() -> dict:
+    """Peak resident memory of this process (and peak CUDA memory when a GPU is used), in MiB."""
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return peak
+
+
+def _train_and_evaluate(config, saved: bool, resume: str | None, verbose: bool = True) -> dict:
+    logger = getLogger()
+    started = time.perf_counter()
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    if resume:
+        trainer.resume_checkpoint(resume)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, verbose=verbose, saved=saved, show_progress=config["show_progress"])
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    result = {
+        "model": config["model"],
+        "dataset": config["dataset"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": dict(best_valid_result or {}),
+        "test_result": dict(test_result),
+        "saved_model_file": trainer.saved_model_file if saved else None,
+        "total_time_s": time.perf_counter() - started,
+        **trainer.timing_summary(),
+        **peak_memory_mb(),
+    }
+    logger.info(f"best valid : {result['best_valid_result']}")
+    logger.info(f"test result: {result['test_result']}")
+    return result
+
+
+def run_recbole_mm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True,
+                   argv=None, resume=None) -> dict:
+    """Train and evaluate one model (ours or RecBole's) on one dataset, as RecBole's ``run_recbole``.
+
+    ``argv`` holds ``--key=value`` overrides (highest priority); ``resume`` is a checkpoint written
+    by a previous run, from which training continues. Returns the valid/test results, the path of
+    the best checkpoint, timings (median time per epoch, best epoch, time to best) and peak memory.
+    """
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list,
+                    config_dict=config_dict, argv=argv)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+    return _train_and_evaluate(config, saved=saved, resume=resume)
+
+
+def objective_function(config_dict=None, config_file_list=None, saved=True, argv=None) -> dict:
+    """Objective for RecBole's ``HyperTuning``: one quiet run, returns RecBole's result dict."""
+    config = Config(config_dict=config_dict, config_file_list=config_file_list, argv=argv)
+    init_seed(config["seed"], config["reproducibility"])
+    logger = getLogger()
+    for handler in logger.handlers[:]:
+        logger.removeHandler(handler)
+    logging.basicConfig(level=logging.ERROR)
+    return _train_and_evaluate(config, saved=saved, resume=None, verbose=False)
+
+
+def load_data_and_model(model_file: str):
+    """Rebuild config, data, model (with its trained weights) from a recbole-mm checkpoint."""
+    from recbole_mm.trainer.checkpoint import safe_load
+
+    checkpoint = safe_load(model_file)
+    stored = checkpoint["config"]
+    config = Config(model=stored["model"], dataset=stored["dataset"], config_dict=checkpoint["external_config"])
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    return config, model, dataset, train_data, valid_data, test_data

@@ -1,0 +1,1 @@
+"""Samplers for rankers and candidate sets (RecBole AbstractSampler subclasses)."""

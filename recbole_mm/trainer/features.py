@@ -1,0 +1,106 @@
+"""What recbole-mm adds to any RecBole trainer class."""
+
+from __future__ import annotations
+
+import time
+
+from recbole_mm.trainer.checkpoint import atomic_save, plain_config, safe_load
+
+
+class RecBoleMMTrainerMixin:
+    """Weights-only, atomically written checkpoints; resume; per-epoch wall times.
+
+    RecBole pickles its ``Config`` into every checkpoint, which ``torch.load`` refuses under
+    torch>=2.6 (``weights_only``). Here the config is stored as plain data, so RecBole's own
+    loading code (``evaluate(load_best_model=True)``) and :meth:`resume_checkpoint` work with
+    safe loading left on.
+    """
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.epoch_log: list[dict] = []
+        self._fit_started = None
+
+    def _build_optimizer(self, **kwargs):
+        if "params" not in kwargs and hasattr(self.model, "optimizer_param_groups"):
+            kwargs["params"] = self.model.optimizer_param_groups(kwargs.get("weight_decay", self.weight_decay))
+        return super()._build_optimizer(**kwargs)
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        path = kwargs.pop("saved_model_file", self.saved_model_file)
+        state = {
+            "config": plain_config(self.config),
+            "external_config": plain_config(self.config, external_only=True),
+            "epoch": int(epoch),
+            "cur_step": int(self.cur_step),
+            "best_valid_score": float(self.best_valid_score),
+            "state_dict": self.model.state_dict(),
+            "other_parameter": self.model.other_parameter(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        atomic_save(state, path)
+        if verbose:
+            self.logger.info(f"Saving current: {path}")
+
+    def resume_checkpoint(self, resume_file):
+        checkpoint = safe_load(str(resume_file), map_location=self.device)
+        if checkpoint["config"]["model"].lower() != self.config["model"].lower():
+            raise ValueError(f"checkpoint {resume_file} is for model {checkpoint['config']['model']}, "
+                             f"not {self.config['model']}")
+        self.saved_model_file = str(resume_file)
+        self.start_epoch = checkpoint["epoch"] + 1
+        self.cur_step = checkpoint["cur_step"]
+        self.best_valid_score = checkpoint["best_valid_score"]
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+    def _train_epoch(self, train_data, epoch_idx, *args, **kwargs):
+        if self._fit_started is None:
+            self._fit_started = time.perf_counter()
+        start = time.perf_counter()
+        loss = super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
+        self.epoch_log.append({"epoch": int(epoch_idx), "train_s": time.perf_counter() - start})
+        return loss
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        start = time.perf_counter()
+        score, result = super()._valid_epoch(valid_data, show_progress=show_progress)
+        if self.epoch_log:
+            self.epoch_log[-1].update(valid_s=time.perf_counter() - start, valid_score=float(score),
+                                      elapsed_s=time.perf_counter() - self._fit_started)
+        return score, result
+
+    def timing_summary(self) -> dict:
+        """Median train time per epoch, epochs run, best epoch and wall time until it."""
+        import statistics
+
+        if not self.epoch_log:
+            return {}
+        train = [e["train_s"] for e in self.epoch_log]
+        scored = [e for e in self.epoch_log if "valid_score" in e]
+        bigger = self.config["valid_metric_bigger"]
+        best = (max if bigger else min)(scored, key=lambda e: e["valid_score"]) if scored else None
+        return {
+            "epochs_run": len(train),
+            "time_per_epoch_s": statistics.median(train),
+            "train_time_s": sum(train),
+            "best_epoch": best["epoch"] if best else None,
+            "time_to_best_s": best["elapsed_s"] if best else None,
+        }
+
+
+_CACHE: dict[type, type] = {}
+
+
+def with_recbole_mm_features(trainer_cls: type) -> type:
+    """``trainer_cls`` with :class:`RecBoleMMTrainerMixin` in front (one class per base, cached)."""
+    if issubclass(trainer_cls, RecBoleMMTrainerMixin):
+        return trainer_cls
+    if trainer_cls not in _CACHE:
+        _CACHE[trainer_cls] = type(trainer_cls.__name__, (RecBoleMMTrainerMixin, trainer_cls),
+                                   {"__doc__": trainer_cls.__doc__, "__module__": __name__})
+    return _CACHE[trainer_cls]

@@ -1,0 +1,144 @@
+"""Plugin mechanics: look in recbole-mm first, then fall back to RecBole.
+
+``get_model`` / ``get_trainer`` / ``create_dataset`` / ``data_preparation`` mirror RecBole's
+functions of the same names (as RecBole-GNN does). Nothing here imports ``recbole.quick_start``
+(which imports ray) or any LLM library.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+from logging import getLogger
+
+from recbole.utils import ModelType
+
+# name -> module that defines the class of that name. Modules are imported on demand so that
+# heavy dependencies stay behind the models that need them.
+MODELS = {
+    "LRURec": "recbole_mm.model.lrurec",
+}
+
+_RECBOLE_SUBMODULES = (
+    "sequential_recommender",
+    "general_recommender",
+    "context_aware_recommender",
+    "knowledge_aware_recommender",
+    "exlib_recommender",
+)
+
+
+def recbole_model_names() -> list[str]:
+    """Names of RecBole's built-in models (from its shipped property files, no imports)."""
+    import recbole
+
+    folder = os.path.join(os.path.dirname(recbole.__file__), "properties", "model")
+    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+
+
+def get_model(model_name: str):
+    """Return the model class called ``model_name``: recbole-mm's first, then RecBole's."""
+    if model_name in MODELS:
+        return getattr(importlib.import_module(MODELS[model_name]), model_name)
+    import recbole
+
+    model_dir = os.path.join(os.path.dirname(recbole.__file__), "model")
+    for sub in _RECBOLE_SUBMODULES:
+        if not os.path.isfile(os.path.join(model_dir, sub, f"{model_name.lower()}.py")):
+            continue
+        try:
+            module = importlib.import_module(f"recbole.model.{sub}.{model_name.lower()}")
+        except ModuleNotFoundError as err:
+            raise ImportError(f"RecBole model {model_name} needs the package {err.name!r}: "
+                              f"pip install {err.name}") from None
+        if hasattr(module, model_name):
+            return getattr(module, model_name)
+    known = sorted(MODELS) + recbole_model_names()
+    close = difflib.get_close_matches(model_name, known, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"Unknown model {model_name!r}.{hint}\n"
+        f"recbole-mm models: {', '.join(sorted(MODELS))}\n"
+        f"RecBole models: {', '.join(recbole_model_names())}")
+
+
+# model name -> "module:Class" of a trainer that replaces RecBole's for that model.
+TRAINERS: dict[str, str] = {}
+
+
+def get_trainer(model_type, model_name: str):
+    """Return the trainer class for a model, with recbole-mm's safe checkpoints and timings."""
+    from recbole_mm.trainer import with_recbole_mm_features
+
+    if model_name in TRAINERS:
+        module, cls = TRAINERS[model_name].split(":")
+        base = getattr(importlib.import_module(module), cls)
+    else:
+        from recbole.utils import get_trainer as recbole_get_trainer
+
+        base = recbole_get_trainer(model_type, model_name)
+    return with_recbole_mm_features(base)
+
+
+def create_dataset(config):
+    """Build the dataset: ``recbole_mm.data.dataset.<Model>Dataset`` if it exists, else RecBole's choice."""
+    _check_dataset_files(config)
+    module = importlib.import_module("recbole_mm.data.dataset")
+    cls = getattr(module, config["model"] + "Dataset", None)
+    if cls is not None:
+        return cls(config)
+    from recbole.data import create_dataset as recbole_create_dataset
+
+    return recbole_create_dataset(config)
+
+
+def _check_dataset_files(config):
+    if config["dataset"] == "ml-100k":  # RecBole always reads its bundled copy for this name
+        return
+    path = config["data_path"]
+    inter = os.path.join(path, f"{config['dataset']}.inter")
+    if not os.path.isfile(inter) and not config["benchmark_filename"]:
+        raise FileNotFoundError(
+            f"dataset {config['dataset']!r}: no interaction file at {inter}. Prepare it first "
+            f"(e.g. `recbole-mm-data prepare {config['dataset']} --out dataset/`), or point "
+            f"--data_path=DIR at the folder that holds {config['dataset']}/{config['dataset']}.inter")
+
+
+def data_preparation(config, dataset):
+    """Split and batch like RecBole's ``data_preparation``, plus recbole-mm's options.
+
+    - ``train_positions: all`` keeps one training row per user (its longest prefix, and for
+      sequences longer than ``MAX_ITEM_LIST_LENGTH`` one row per window) so that a model can put
+      its loss at every position of the sequence instead of on RecBole's prefix samples.
+    - Full-ranking evaluation of sequential models uses :class:`SequentialFullSortEvalDataLoader`:
+      the answer's id and item features are removed from the batch (no model can read them) and,
+      with ``mask_history: True``, the user's earlier items are excluded from the ranking.
+    """
+    from recbole.data.utils import create_samplers, get_dataloader
+
+    from recbole_mm.data.dataloader import SequentialFullSortEvalDataLoader, user_history
+    from recbole_mm.data.sequences import full_sequence_rows
+
+    train_dataset, valid_dataset, test_dataset = dataset.build()
+    samplers = create_samplers(config, dataset, (train_dataset, valid_dataset, test_dataset))
+    sequential = config["MODEL_TYPE"] == ModelType.SEQUENTIAL
+
+    history = user_history(train_dataset, config) if sequential and config["mask_history"] else None
+    if sequential and config["train_positions"] == "all":
+        rows = full_sequence_rows(train_dataset, config["MAX_ITEM_LIST_LENGTH"])
+        train_dataset = train_dataset.copy(train_dataset.inter_feat[rows])
+    if config["MODEL_TYPE"] == ModelType.KNOWLEDGE:
+        raise NotImplementedError("knowledge-aware models: use RecBole's own run_recbole")
+    train_data = get_dataloader(config, "train")(config, train_dataset, samplers[0], shuffle=config["shuffle"])
+
+    loaders = []
+    for phase, ds, sampler in (("valid", valid_dataset, samplers[1]), ("test", test_dataset, samplers[2])):
+        cls = get_dataloader(config, phase)
+        if sequential and cls.__name__ == "FullSortEvalDataLoader":
+            loaders.append(SequentialFullSortEvalDataLoader(config, ds, sampler, history=history))
+        else:
+            loaders.append(cls(config, ds, sampler, shuffle=False))
+    getLogger().info(f"[Training]: train_batch_size = [{config['train_batch_size']}], train rows = {len(train_dataset)}; "
+                     f"[Evaluation]: eval_batch_size = [{config['eval_batch_size']}], mask_history = {config['mask_history']}")
+    return train_data, loaders[0], loaders[1]
