@@ -19,9 +19,21 @@ def _property_file(*parts: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def resolve_config_file(name: str) -> str:
+    """A config file path, or the name of a shipped preset (``properties/preset/<name>.yaml``)."""
+    if os.path.isfile(name):
+        return name
+    preset = _property_file("preset", f"{name}.yaml") or _property_file("preset", name)
+    if preset:
+        return preset
+    raise FileNotFoundError(f"config file {name!r} not found (and no shipped preset of that name: "
+                            f"{', '.join(sorted(f[:-5] for f in os.listdir(os.path.join(properties_dir(), 'preset'))))})")
+
+
 class Config(RecBoleConfig):
     """RecBole's ``Config`` with three changes, each small and named:
 
+    - a config file may be named by a shipped preset (``--config_files=prime-cpu``);
     - model names resolve through :func:`recbole_mm.utils.get_model` (plugin first, then RecBole);
     - our ``overall.yaml``, ``model/<Model>.yaml`` and ``dataset/<name>.yaml`` are layered on top of
       RecBole's internal defaults (so user files, ``config_dict`` and the command line still win);
@@ -34,7 +46,8 @@ class Config(RecBoleConfig):
 
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, argv=None):
         self._argv = list(argv or [])
-        super().__init__(model, dataset, config_file_list, config_dict)
+        super().__init__(model, dataset, [resolve_config_file(f) for f in config_file_list or []] or None,
+                         config_dict)
 
     def _load_cmd_line(self):
         cmd = {}

@@ -48,6 +48,7 @@ def _train_and_evaluate(config, saved: bool, resume: str | None, verbose: bool =
         "saved_model_file": trainer.saved_model_file if saved else None,
         "total_time_s": time.perf_counter() - started,
         **trainer.timing_summary(),
+        **(trainer.extra_results() if hasattr(trainer, "extra_results") else {}),
         **peak_memory_mb(),
     }
     logger.info(f"best valid : {result['best_valid_result']}")

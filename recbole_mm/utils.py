@@ -18,6 +18,7 @@ from recbole.utils import ModelType
 # heavy dependencies stay behind the models that need them.
 MODELS = {
     "LRURec": "recbole_mm.model.lrurec",
+    "PRIME": "recbole_mm.model.prime",
 }
 
 _RECBOLE_SUBMODULES = (
@@ -64,7 +65,9 @@ def get_model(model_name: str):
 
 
 # model name -> "module:Class" of a trainer that replaces RecBole's for that model.
-TRAINERS: dict[str, str] = {}
+TRAINERS: dict[str, str] = {
+    "PRIME": "recbole_mm.trainer.prime:PRIMETrainer",
+}
 
 
 def get_trainer(model_type, model_name: str):

@@ -135,3 +135,48 @@ def test_embeddings_aligned_to_internal_ids(fixture_folder):
     assert emb[1].tolist() == [2, 3] and emb[4].tolist() == [0, 1] and emb[2].tolist() == [0, 0]
     with pytest.raises(DataFormatError, match="embedding file not found"):
         store.embeddings("nope")
+
+
+def test_fallback_to_recbole_item_file(tmp_path):
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    (folder / "shop.item").write_text(
+        "item_id:token\tname:token_seq\tgenre:token_seq\tprice:float\tyear:token\tcolor:token\timage:token\n"
+        "a\tRed  lipstick {x}\tMakeup Lips\t12.5\t2001\tred\tpics/a.jpg\n"
+        "b\tCream\t\t\t\t\t\n"
+        "c\tFiltered out\tX\t1\t1\tx\t\n", encoding="utf-8")
+    store = ItemStore(folder, ["[PAD]", "b", "a"])
+    assert store.source.name == "shop.item"
+    assert store.attributes(2) == {"title": "Red  lipstick {x}", "categories": "Makeup Lips", "price": 12.5,
+                                   "year": "2001", "color": "red", "image_6": "pics/a.jpg"}
+    assert store.attributes(1) == {"title": "Cream"}  # empty cells dropped
+    assert store.image(2) is None and store.stats() == {"items": 2, "with_attributes": 2, "with_image_file": 0}
+    # the side file wins when both exist
+    write_jsonl(folder / "shop.items.jsonl", [{"item_id": "a", "title": "From side file"}])
+    assert ItemStore(folder, ["[PAD]", "b", "a"]).attributes(2) == {"title": "From side file"}
+
+
+def test_item_file_columns_named_title_and_name(tmp_path):
+    folder = tmp_path / "x"
+    folder.mkdir()
+    (folder / "x.item").write_text("name:token\titem_id:token\ttitle:token_seq\nN\t1\tT\n", encoding="utf-8")
+    assert ItemStore(folder, ["[PAD]", "1"]).attributes(1) == {"name": "N", "title": "T"}
+
+
+def test_from_recbole_bundled_ml_100k():
+    """RecBole's own ml-100k (shipped with the package) has no side file: the .item file is used."""
+    from recbole_mm.config import Config
+    from recbole_mm.utils import create_dataset
+
+    config = Config("SASRec", "ml-100k", config_dict={
+        "load_col": {"inter": ["user_id", "item_id"]}, "show_progress": False, "save_dataset": False,
+        "state": "ERROR"})
+    dataset = create_dataset(config)
+    store = ItemStore.from_recbole(config, dataset)
+    tok = list(dataset.field2id_token["item_id"])
+    assert store.tokens == tok and store.source.name == "ml-100k.item"
+    assert store.attributes(tok.index("1")) == {"title": "Toy Story", "year": "1995",
+                                                "categories": "Animation Children's Comedy"}
+    assert store.get(tok.index("2"), "title") == "GoldenEye"
+    assert store.image(tok.index("1")) is None and store.attributes(0) == {}
+    assert store.stats() == {"items": len(tok) - 1, "with_attributes": len(tok) - 1, "with_image_file": 0}

@@ -6,6 +6,13 @@ RecBole maps item tokens to internal ids (``dataset.field2id_token['item_id']``,
 relative to the dataset folder) and serves, per internal id, the exact raw attribute text and the
 image, loaded lazily, cached (LRU) and resized to a pixel budget.
 
+Datasets without a side file (e.g. RecBole's bundled ``ml-100k``) fall back to the raw RecBole
+atomic item file ``<name>.item`` of the same folder: its columns become attributes (header types
+``name:type`` split off; ``movie_title`` / ``name`` -> ``title``, ``class`` / ``genre`` ->
+``categories``, ``release_year`` -> ``year``, see :data:`ITEM_COLUMN_ALIASES`; other columns keep
+their names), values are the exact cell text (``float`` columns become numbers), and there are no
+images.
+
 Images: a missing file means "no image" (``None``). A file that does not decode is reported once
 (item token and file) and treated as missing. A path that leaves the dataset folder (``..``, an
 absolute path, a symlink pointing outside) is refused: reported once, treated as missing.
@@ -28,6 +35,18 @@ logger = logging.getLogger(__name__)
 DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 168 * 168
 PAD_TOKEN = "[PAD]"
+
+#: column name of a RecBole ``.item`` file (lower case, type removed) -> attribute name
+ITEM_COLUMN_ALIASES = {
+    "title": "title", "movie_title": "title", "item_title": "title", "name": "title", "item_name": "title",
+    "product_name": "title", "book_title": "title",
+    "categories": "categories", "category": "categories", "class": "categories", "genre": "categories",
+    "genres": "categories", "item_category": "categories",
+    "year": "year", "release_year": "year",
+    "brand": "brand", "item_brand": "brand", "manufacturer": "brand",
+    "price": "price", "item_price": "price", "sales_price": "price",
+    "description": "description", "desc": "description", "item_description": "description",
+}
 
 
 def fit_pixels(width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -56,11 +75,14 @@ class ItemStore:
         extra_side_files: tags of further JSON-lines side files ``<name>.<tag>.jsonl`` (e.g.
             generated ``captions``) whose fields are merged into the attributes when present;
             the original attributes win on a clash.
+        item_id_field, field_separator, encoding: how to read the RecBole ``<name>.item`` file,
+            used only when there is no side file (:meth:`from_recbole` takes them from the config).
     """
 
     def __init__(self, folder: str | os.PathLike, item_tokens: Sequence[str], *,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 cache_size: int = 4096, extra_side_files: Iterable[str] = ("captions",)):
+                 cache_size: int = 4096, extra_side_files: Iterable[str] = ("captions",),
+                 item_id_field: str = "item_id", field_separator: str = "\t", encoding: str = "utf-8"):
         if not 1 <= min_pixels <= max_pixels:
             raise ValueError(f"need 1 <= min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
         self.folder = Path(folder)
@@ -68,14 +90,20 @@ class ItemStore:
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         self.cache_size = int(cache_size)
         side = self.folder / f"{self.name}.items.jsonl"
-        if not side.is_file():
+        atomic = self.folder / f"{self.name}.item"
+        if not side.is_file() and not atomic.is_file():
             raise DataFormatError("side file not found", file=side,
-                                  hint="prepare the dataset with recbole-mm-data (it writes <name>.items.jsonl)")
+                                  hint="prepare the dataset with recbole-mm-data (it writes <name>.items.jsonl), "
+                                       f"or provide a RecBole item file {atomic.name}")
         self.tokens = [str(t) for t in item_tokens]
         index = {t: i for i, t in enumerate(self.tokens)}
         self._attrs: list[dict | None] = [None] * len(self.tokens)
         self._image_rel: list[str | None] = [None] * len(self.tokens)
-        for row, rec in enumerate(read_jsonl(side), start=1):
+        #: where the attributes come from: the side file, or the RecBole ``.item`` file (no images)
+        self.source = side if side.is_file() else atomic
+        records = (read_jsonl(side) if side.is_file()
+                   else read_atomic_items(atomic, item_id_field, field_separator=field_separator, encoding=encoding))
+        for row, rec in enumerate(records, start=1):
             token = rec.get("item_id")
             if token is None:
                 raise DataFormatError("record without 'item_id'", file=side, row=row, value=rec)
@@ -116,6 +144,11 @@ class ItemStore:
             if value is not None:
                 kwargs.setdefault(arg, int(value))
         field = config["ITEM_ID_FIELD"] or "item_id"
+        kwargs.setdefault("item_id_field", field)
+        for key in ("field_separator", "encoding"):
+            value = config[key] if key in config else None
+            if value:
+                kwargs.setdefault(key, value)
         return cls(config["data_path"], list(dataset.field2id_token[field]), **kwargs)
 
     def __len__(self) -> int:
@@ -244,3 +277,66 @@ class ItemStore:
         ids = range(1 if self.tokens and self.tokens[0] == PAD_TOKEN else 0, len(self.tokens))
         return {"items": len(ids), "with_attributes": sum(1 for i in ids if self._attrs[i]),
                 "with_image_file": sum(1 for i in ids if self.has_image(i))}
+
+
+def read_atomic_items(path: str | os.PathLike, item_id_field: str = "item_id", *, field_separator: str = "\t",
+                      encoding: str = "utf-8") -> Iterable[dict]:
+    """Records ``{"item_id": token, <attribute>: raw text, ...}`` of a RecBole ``.item`` atomic file.
+
+    The file is read the way RecBole reads it (pandas, same separator, encoding and quoting) so that
+    the tokens match RecBole's; header types are split off (``movie_title:token_seq`` ->
+    ``movie_title``) and columns renamed by :data:`ITEM_COLUMN_ALIASES` (the first column to claim a
+    name gets it; a later one keeps its own name). Cells keep their exact text (``token_seq`` values
+    are not split); ``float`` cells become numbers; empty cells are dropped.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, delimiter=field_separator, dtype=str, keep_default_na=False, na_filter=False,
+                            encoding=encoding, engine="python")
+    except (UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise DataFormatError(f"cannot read the RecBole item file ({type(e).__name__}: {e})", file=path,
+                              hint=f"it must be '{field_separator}'-separated text in {encoding}") from None
+    columns = [str(c) for c in table.columns]
+    names = [c.split(":", 1)[0] for c in columns]
+    types = [c.split(":", 1)[1] if ":" in c else "token" for c in columns]
+    if item_id_field in names:
+        id_col = names.index(item_id_field)
+    elif names:
+        id_col = 0
+        logger.warning("%s: no column named %r, using the first column %r as the item token",
+                       path, item_id_field, names[0])
+    else:
+        raise DataFormatError("item file without columns", file=path)
+    targets: dict[int, str] = {}
+    taken = {"item_id", "image"}
+    for j, name in enumerate(names):  # aliases first, so that an exact 'title' column beats 'name'
+        if j == id_col:
+            continue
+        alias = ITEM_COLUMN_ALIASES.get(name.lower())
+        if alias is not None and alias not in taken and (alias == name.lower() or alias not in names):
+            targets[j] = alias
+            taken.add(alias)
+    for j, name in enumerate(names):
+        if j != id_col and j not in targets:
+            key = name if name not in taken else f"{name}_{j}"
+            targets[j] = key
+            taken.add(key)
+    values = table.to_numpy(dtype=object)
+    for row in values:
+        rec: dict[str, Any] = {"item_id": str(row[id_col])}
+        for j, key in targets.items():
+            cell = row[j]
+            if cell is None or cell == "":
+                continue
+            if types[j] == "float":
+                try:
+                    cell = float(cell)
+                except ValueError:
+                    pass
+                else:
+                    if not math.isfinite(cell):
+                        continue
+            rec[key] = cell
+        yield rec

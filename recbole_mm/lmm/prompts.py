@@ -1,0 +1,304 @@
+"""PRIME's interleaved image + text ranking prompt.
+
+One user turn: an instruction, the user's last ``max_history`` items (oldest first), then the
+candidates, each prefixed by an index letter ``(A) ``, ``(B) ``, ... Every item is one line holding
+a JSON-like object (PRIME Appendix A)::
+
+    {"image": <image>, "title": "...", "price": 12.5, "brand": "...", "categories": "..."}
+
+- keys in the order of :attr:`PromptSettings.fields`; missing / empty values are dropped; an item
+  without an image has no ``"image"`` key;
+- each value is truncated to ``attr_max_tokens`` tokens of the ranker's tokenizer (cut at a token
+  boundary of the raw text) and then written with ``json.dumps`` (quotes, backslashes, newlines and
+  control characters escaped), so a value can neither close the object nor start a new line: a
+  title containing ``(B)`` stays inside its JSON string, and candidate markers only ever occur at
+  the start of a line;
+- a value that contains one of the tokenizer's special-token strings (e.g. ``<|im_end|>``,
+  ``<|image_pad|>``) gets a zero-width space inserted after the first character of that string, so
+  that item text can never turn into a control token or an image slot;
+- ``<image>`` marks where the item's image goes: in :attr:`Prompt.messages` (Hugging Face chat
+  format) it is a ``{"type": "image"}`` content part, and :attr:`Prompt.images` lists the images in
+  the order of those parts.
+
+The model answers with the candidate's letter alone (``A``, ``B``, ...); scoring the letters is the
+verbalizer's job (:mod:`recbole_mm.lmm.verbalizer`). This module does not import ``transformers``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Sequence
+
+VARIANTS = ("full", "title_only", "no_image", "no_title")
+IMAGE_PLACEHOLDER = "<image>"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_ZWSP = "\u200b"
+
+DEFAULT_INSTRUCTION = (
+    "You are a recommender system. Below is the history of {domain}s a user interacted with, in "
+    "chronological order (oldest first), followed by candidate {domain}s, each marked with an index "
+    "letter. Each {domain} is described by a JSON object with its image and attributes. Based on the "
+    "user's history, predict which candidate the user will interact with next. Answer with the index "
+    "letter of that candidate only."
+)
+
+
+def index_letters(k: int) -> list[str]:
+    """The first ``k`` index letters: ``["A", "B", ...]`` (at most 26)."""
+    if not 0 <= k <= len(LETTERS):
+        raise ValueError(f"between 0 and {len(LETTERS)} candidates can be lettered, got {k}")
+    return list(LETTERS[:k])
+
+
+@dataclass
+class PromptSettings:
+    """How prompts are built.
+
+    Args:
+        max_history: history items shown (the last ones, oldest first).
+        attr_max_tokens: tokens kept of each attribute value (``None`` or 0: no truncation).
+        fields: attribute names shown, in this order (``None``: every attribute of the item, in
+            its own order).
+        variant: ``full`` (image + fields), ``title_only`` (title, no image), ``no_image`` (fields,
+            no image), ``no_title`` (image + fields except the title) -- PRIME Table 4.
+        domain: word for the items in the instruction ("beauty product", "movie", ...).
+        instruction: the instruction; ``{domain}`` in it is replaced by :attr:`domain`.
+        history_header, candidates_header, answer_hint: the lines around the two item lists
+            (``answer_hint`` closes the prompt; empty string: none).
+    """
+
+    max_history: int = 25
+    attr_max_tokens: int | None = 32
+    fields: Sequence[str] | None = ("title", "price", "brand", "categories")
+    variant: str = "full"
+    domain: str = "item"
+    instruction: str = DEFAULT_INSTRUCTION
+    history_header: str = "User history:"
+    candidates_header: str = "Candidates:"
+    answer_hint: str = "Answer with one index letter."
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"prompt variant must be one of {VARIANTS}, not {self.variant!r}")
+        if int(self.max_history) < 0:
+            raise ValueError(f"max_history must be >= 0, got {self.max_history}")
+        if self.fields is not None:
+            self.fields = tuple(self.fields)
+
+    @property
+    def use_images(self) -> bool:
+        return self.variant in ("full", "no_title")
+
+    def shown_fields(self, attributes: dict) -> list[str]:
+        """The attribute names shown for an item, in order, before dropping empty values."""
+        names = list(attributes) if self.fields is None else list(self.fields)
+        if self.variant == "title_only":
+            return [n for n in names if n == "title"] or ["title"]
+        if self.variant == "no_title":
+            return [n for n in names if n != "title"]
+        return names
+
+    def instruction_text(self) -> str:
+        return self.instruction.replace("{domain}", self.domain)
+
+
+@dataclass
+class Prompt:
+    """A built prompt.
+
+    Attributes:
+        messages: ``[{"role": "user", "content": [{"type": "text", "text": ...}, {"type": "image"},
+            ...]}]`` -- one image part per image, in place.
+        images: the images of the image parts, in order.
+        letters: the index letters of the candidates, in candidate order.
+    """
+
+    messages: list[dict]
+    images: list[Any]
+    letters: list[str]
+    parts: list[Any] = field(default_factory=list, repr=False)  # str | _IMAGE, in order
+
+    def text_only(self, image_token: str = IMAGE_PLACEHOLDER) -> str:
+        """The user turn as plain text, each image shown as ``image_token`` (debugging, logs,
+        text-only backbones)."""
+        return "".join(image_token if p is _IMAGE else p for p in self.parts)
+
+    def __str__(self) -> str:
+        return self.text_only()
+
+
+class _ImageSlot:
+    def __repr__(self):
+        return "<image>"
+
+
+_IMAGE = _ImageSlot()
+
+
+def _special_strings(tokenizer) -> tuple[str, ...]:
+    if tokenizer is None:
+        return ()
+    found = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    for tok in decoder.values():
+        content = getattr(tok, "content", tok)
+        if isinstance(content, str) and getattr(tok, "special", True):
+            found.add(content)
+    return tuple(sorted((s for s in found if isinstance(s, str) and len(s) > 1), key=len, reverse=True))
+
+
+def _defuse(text: str, specials: Sequence[str]) -> str:
+    for s in specials:
+        if s in text:
+            text = text.replace(s, s[0] + _ZWSP + s[1:])
+    return text
+
+
+def _n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@lru_cache(maxsize=1 << 16)
+def _truncate_cached(tokenizer, text: str, n: int) -> str:
+    return _truncate(tokenizer, text, n)
+
+
+def _truncate(tokenizer, text: str, n: int) -> str:
+    """The longest token-aligned prefix of ``text`` that has at most ``n`` tokens."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc.get("offset_mapping")
+    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
+        enc, offsets = tokenizer(text, add_special_tokens=False), None
+    ids = enc["input_ids"]
+    if len(ids) <= n:
+        return text
+    if offsets:
+        out = ""
+        for m in range(n, 0, -1):  # re-tokenizing a cut word can rarely give more tokens: step back
+            out = text[:offsets[m - 1][1]]
+            if _n_tokens(tokenizer, out) <= n:
+                break
+        else:
+            out = ""
+    else:
+        out = tokenizer.decode(ids[:n], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        out = out.rstrip("\ufffd")
+        while out and _n_tokens(tokenizer, out) > n:
+            out = out[:-1]
+    return out.rstrip()
+
+
+def truncate_tokens(tokenizer, text: str, n: int | None) -> str:
+    """``text`` cut to at most ``n`` tokens of ``tokenizer`` (no cut when either is ``None``)."""
+    if tokenizer is None or not n or n <= 0 or not text:
+        return text
+    try:
+        return _truncate_cached(tokenizer, text, int(n))
+    except TypeError:  # unhashable tokenizer
+        return _truncate(tokenizer, text, int(n))
+
+
+def _value_text(value: Any) -> str | float | int | None:
+    """The raw value as shown: numbers stay numbers, sequences are joined, empties are ``None``."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else str(value).lower()
+    if isinstance(value, (int, float)):
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalar
+        try:
+            return _value_text(value.item())
+        except (TypeError, ValueError):
+            pass
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if isinstance(value, (list, tuple)):
+        parts = [str(_value_text(v)) for v in value if _value_text(v) not in (None, "")]
+        value = ", ".join(parts)
+    elif isinstance(value, dict):
+        value = json.dumps(value, ensure_ascii=False)
+    value = str(value).strip()
+    return value or None
+
+
+def _item_parts(item: dict, settings: PromptSettings, tokenizer, specials) -> list[Any]:
+    """One item as ``["{", _IMAGE, ", \\"title\\": ...}"]``-style parts (no newline)."""
+    attributes = item.get("attributes") or {}
+    entries = []
+    for name in settings.shown_fields(attributes):
+        value = _value_text(attributes.get(name))
+        if value is None:
+            continue
+        if isinstance(value, str):
+            value = _defuse(truncate_tokens(tokenizer, value, settings.attr_max_tokens), specials)
+            if not value:
+                continue
+        entries.append(f"{json.dumps(_defuse(str(name), specials), ensure_ascii=False)}: "
+                       f"{json.dumps(value, ensure_ascii=False)}")
+    parts: list[Any] = ["{"]
+    image = item.get("image") if settings.use_images else None
+    if image is not None:
+        parts += ['"image": ', _IMAGE]
+        if entries:
+            parts.append(", ")
+    parts += [", ".join(entries), "}"]
+    return parts
+
+
+def build_prompt(history: Sequence[dict], candidates: Sequence[dict], settings: PromptSettings | None = None,
+                 tokenizer: Any = None) -> Prompt:
+    """Build the ranking prompt.
+
+    Args:
+        history: the user's items, oldest first; each ``{"attributes": {...}, "image": PIL | None}``.
+            Only the last ``settings.max_history`` are shown.
+        candidates: the candidate items (same form), lettered ``A``, ``B``, ... in this order.
+        settings: :class:`PromptSettings` (defaults when ``None``).
+        tokenizer: the ranker's tokenizer (for truncation and special-token defusing); ``None``
+            disables both.
+    """
+    settings = settings or PromptSettings()
+    specials = _special_strings(tokenizer)
+    letters = index_letters(len(candidates))
+    shown = list(history)[-settings.max_history:] if settings.max_history else []
+    parts: list[Any] = []
+    images: list[Any] = []
+
+    def add_item(item, prefix=""):
+        item_parts = _item_parts(item, settings, tokenizer, specials)
+        parts.append(prefix)
+        parts.extend(item_parts)
+        parts.append("\n")
+        if _IMAGE in item_parts:
+            images.append(item["image"])
+
+    parts.append(settings.instruction_text() + "\n")
+    if shown:  # no history section at all when there is nothing to show
+        parts.append("\n" + settings.history_header + "\n")
+        for item in shown:
+            add_item(item)
+    parts.append("\n" + settings.candidates_header + "\n")
+    for letter, item in zip(letters, candidates):
+        add_item(item, f"({letter}) ")
+    if settings.answer_hint:
+        parts.append("\n" + settings.answer_hint)
+    parts = _merge(parts)
+    content = [{"type": "image"} if p is _IMAGE else {"type": "text", "text": p} for p in parts]
+    return Prompt(messages=[{"role": "user", "content": content}], images=images, letters=letters, parts=parts)
+
+
+def _merge(parts: list[Any]) -> list[Any]:
+    """Join adjacent text parts, drop empty ones."""
+    out: list[Any] = []
+    for p in parts:
+        if p is _IMAGE:
+            out.append(p)
+        elif p:
+            if out and out[-1] is not _IMAGE:
+                out[-1] += p
+            else:
+                out.append(p)
+    return out

@@ -1,0 +1,81 @@
+"""An LMM that ranks candidate items: prompt -> one forward pass -> letter logits (verbalizer)."""
+
+from __future__ import annotations
+
+import torch
+
+from recbole_mm.lmm.prompts import PromptSettings, build_prompt
+from recbole_mm.lmm.verbalizer import index_letters, letter_token_ids, score_candidates
+
+
+class LMMRanker:
+    """PRIME's ranker: builds prompts from item ids, scores candidates, computes the training loss.
+
+    ``backbone`` comes from :func:`recbole_mm.lmm.backbone.load_backbone`; ``store`` is the
+    dataset's :class:`~recbole_mm.data.item_store.ItemStore`. Histories are lists of internal item
+    ids (oldest first); candidates a LongTensor (batch, k). Images are used only when the backbone
+    is a vision-language model and the prompt variant keeps them.
+    """
+
+    def __init__(self, backbone, store, settings: PromptSettings, device="cpu"):
+        self.backbone, self.store, self.settings, self.device = backbone, store, settings, device
+        self.tokenizer = backbone.tokenizer
+        self.use_images = backbone.is_vision and settings.variant in ("full", "no_title")
+        self._letter_ids: dict[int, torch.Tensor] = {}
+
+    @property
+    def model(self):
+        return self.backbone.model
+
+    def _item(self, item_id: int) -> dict:
+        image = self.store.image(item_id) if self.use_images else None
+        return {"attributes": self.store.attributes(item_id), "image": image}
+
+    def _render(self, history: list[int], candidates: list[int]):
+        prompt = build_prompt([self._item(i) for i in history], [self._item(i) for i in candidates],
+                              self.settings, self.tokenizer)
+        if self.backbone.processor is not None:
+            text = self.backbone.processor.apply_chat_template(prompt.messages, add_generation_prompt=True,
+                                                               tokenize=False)
+        else:
+            flat = [{"role": m["role"], "content": "".join(p["text"] for p in m["content"] if p["type"] == "text")}
+                    for m in prompt.messages]
+            text = self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
+        return text, prompt.images
+
+    def letter_ids(self, prompt_text: str, k: int) -> torch.Tensor:
+        """Token ids of the k index letters after the prompt (the same for every prompt)."""
+        if k not in self._letter_ids:
+            self._letter_ids[k] = torch.tensor(letter_token_ids(self.tokenizer, prompt_text, index_letters(k)))
+        return self._letter_ids[k]
+
+    def _encode(self, texts: list[str], images: list[list]):
+        flat = [img for imgs in images for img in imgs]
+        if self.backbone.processor is not None:
+            inputs = self.backbone.processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
+        else:
+            inputs = self.tokenizer(texts, padding=True, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+    def score(self, histories: list[list[int]], candidates: torch.Tensor) -> torch.Tensor:
+        """Scores (batch, k) of the candidates: letter logits at the last prompt position."""
+        rendered = [self._render(h, c) for h, c in zip(histories, candidates.tolist())]
+        texts, images = [r[0] for r in rendered], [r[1] for r in rendered]
+        letter_ids = self.letter_ids(texts[0], candidates.size(1))
+        return score_candidates(self.model, self._encode(texts, images), letter_ids).float()
+
+    def loss(self, histories: list[list[int]], candidates: torch.Tensor, answer_pos: torch.Tensor) -> torch.Tensor:
+        """Causal-LM loss on the response only: the answer's letter and the end-of-turn token."""
+        rendered = [self._render(h, c) for h, c in zip(histories, candidates.tolist())]
+        letters = index_letters(candidates.size(1))
+        eot = self.tokenizer.eos_token or ""
+        texts = [text + letters[int(p)] + eot for (text, _), p in zip(rendered, answer_pos.tolist())]
+        inputs = self._encode(texts, [r[1] for r in rendered])
+        # right padding: each row's response is its last two real tokens (letter, end-of-turn)
+        mask = inputs["attention_mask"]
+        last = mask.sum(1) - 1 if self.tokenizer.padding_side == "right" else torch.full_like(mask[:, 0], mask.size(1) - 1)
+        labels = torch.full_like(inputs["input_ids"], -100)
+        rows = torch.arange(len(texts), device=labels.device)
+        for offset in (0, 1):
+            labels[rows, last - offset] = inputs["input_ids"][rows, last - offset]
+        return self.model(**inputs, labels=labels).loss

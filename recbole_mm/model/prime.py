@@ -1,0 +1,92 @@
+"""PRIME: a retriever proposes candidates, an LMM ranks them in one forward pass (Wang et al., 2025)."""
+
+from __future__ import annotations
+
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+
+# Settings a retriever shares with the PRIME run that hosts it (data, protocol, device); its own
+# hyperparameters come from its model yaml and from PRIME's ``retriever_config`` dict.
+SHARED_KEYS = (
+    "data_path", "load_col", "unload_col", "MAX_ITEM_LIST_LENGTH", "USER_ID_FIELD", "ITEM_ID_FIELD",
+    "TIME_FIELD", "user_inter_num_interval", "item_inter_num_interval", "filter_inter_by_user_or_item",
+    "rm_dup_inter", "val_interval", "seed", "reproducibility", "mask_history", "metrics", "topk",
+    "valid_metric", "eval_batch_size", "checkpoint_dir", "show_progress", "state", "use_gpu", "gpu_id",
+    "benchmark_filename",
+)
+
+
+def retriever_config(config):
+    """The RecBole config of PRIME's retriever (its own model yaml + shared data settings)."""
+    from recbole_mm.config import Config
+
+    shared = {k: config.external_config_dict[k] for k in SHARED_KEYS if k in config.external_config_dict}
+    return Config(model=config["retriever"], dataset=config["dataset"],
+                  config_dict={**shared, **(config["retriever_config"] or {})})
+
+
+class PRIME(SequentialRecommender):
+    """Two-stage PRIME as a RecBole model; :class:`recbole_mm.trainer.prime.PRIMETrainer` trains it.
+
+    ``retriever`` is any RecBole sequential model (LRURec by default). ``full_sort_predict`` ranks
+    all items: the retriever's top ``n_candidates`` in the LMM ranker's order first, then every
+    other item in the retriever's order. Until a ranker is attached it ranks like the retriever.
+    """
+
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        from recbole_mm.utils import get_model
+
+        self.retriever_config = retriever_config(config)
+        self.retriever = get_model(config["retriever"])(self.retriever_config, dataset)
+        self.n_candidates = config["n_candidates"]
+        self.max_history = config["max_history_items"]
+        self.ranker = None  # an LMMRanker, attached by the trainer
+
+    def calculate_loss(self, interaction):
+        raise NotImplementedError("PRIME trains in stages: use PRIMETrainer (run_recbole_mm does)")
+
+    def predict(self, interaction):
+        raise NotImplementedError("PRIME scores candidates as a set: use full_sort_predict")
+
+    def retriever_scores(self, interaction, history_index=None) -> torch.Tensor:
+        scores = self.retriever.full_sort_predict(interaction).view(len(interaction), -1).float()
+        scores[:, 0] = -torch.inf
+        if history_index is not None:
+            scores[history_index] = -torch.inf
+        return scores
+
+    def histories(self, interaction, rows=None) -> list[list[int]]:
+        """The last ``max_history_items`` items of each row's input sequence, oldest first."""
+        seq, lengths = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        if rows is not None:
+            seq, lengths = seq[rows], lengths[rows]
+        return [s[max(0, n - self.max_history):n] for s, n in zip(seq.tolist(), lengths.tolist())]
+
+    @staticmethod
+    def compose(scores: torch.Tensor, candidates: torch.Tensor, rows: torch.Tensor,
+                ranker_scores: torch.Tensor) -> torch.Tensor:
+        """Full ranking: ranked candidates of ``rows`` above every other item, the rest in retriever order.
+
+        Every retriever score is shifted below zero, the ranked candidates are placed at
+        ``1 + ranker score - min``: the order inside each group is kept and the groups never mix.
+        """
+        finite = torch.isfinite(scores)
+        top = torch.where(finite, scores, torch.full_like(scores, -torch.inf)).amax(1, keepdim=True)
+        out = torch.where(finite, scores - top - 1, scores)
+        if len(rows):
+            placed = 1 + ranker_scores - ranker_scores.amin(1, keepdim=True)
+            out[rows.unsqueeze(1), candidates[rows]] = placed.to(out.dtype)
+        return out
+
+    def full_sort_predict(self, interaction):
+        scores = self.retriever_scores(interaction)
+        if self.ranker is None:
+            return scores
+        candidates = torch.topk(scores, self.n_candidates, dim=1).indices
+        rows = torch.arange(len(scores), device=scores.device)
+        ranked = self.ranker.score(self.histories(interaction), candidates.cpu()).to(scores.device)
+        return self.compose(scores, candidates, rows, ranked)

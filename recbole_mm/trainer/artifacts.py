@@ -1,0 +1,63 @@
+"""Stage artefacts keyed by what produced them, written atomically, reused on the next run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def fingerprint(*parts) -> str:
+    """Short stable hash of JSON-serialisable parts (configs, file fingerprints, ...)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def dataset_fingerprint(config) -> dict:
+    """Name, size and modification time of the dataset's atomic files (cheap, no reading)."""
+    folder = config["data_path"]
+    files = {}
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and name.startswith(config["dataset"] + "."):
+                stat = os.stat(path)
+                files[name] = [stat.st_size, int(stat.st_mtime)]
+    return {"dataset": config["dataset"], "files": files}
+
+
+class StageStore:
+    """A folder per stage and key: ``<root>/<stage>-<key>/`` holding that stage's files.
+
+    A stage is finished when its ``done.json`` exists; files are written through temporary names
+    and renamed, so an interrupted run never leaves a half-written artefact that looks finished.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def folder(self, stage: str, key: str) -> Path:
+        path = self.root / f"{stage}-{key}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def done(self, stage: str, key: str) -> dict | None:
+        marker = self.root / f"{stage}-{key}" / "done.json"
+        if not marker.is_file():
+            return None
+        with open(marker, encoding="utf-8") as f:
+            return json.load(f)
+
+    def finish(self, stage: str, key: str, info: dict) -> None:
+        write_json(self.folder(stage, key) / "done.json", info)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write JSON through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)

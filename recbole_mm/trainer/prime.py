@@ -1,0 +1,218 @@
+"""PRIME's stages: retriever, LMM ranker, two-stage full-ranking evaluation; resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+
+import torch
+from recbole.trainer import Trainer
+
+from recbole_mm.trainer.artifacts import StageStore, dataset_fingerprint, fingerprint
+from recbole_mm.trainer.checkpoint import atomic_save, plain_config, safe_load
+from recbole_mm.trainer.ranker import RankerExamples, RankerTrainer
+
+RANKER_KEYS = ("ranker_model", "ranker_small", "ranker_quantization", "ranker_dtype", "lora_r", "lora_alpha",
+               "lora_dropout", "prompt_variant", "prompt_domain", "max_history_items", "attr_max_tokens",
+               "image_min_pixels", "image_max_pixels", "ranker_negatives", "ranker_train_examples",
+               "ranker_valid_users", "ranker_learning_rate", "ranker_epochs", "ranker_batch_size",
+               "ranker_grad_accum", "ranker_warmup_steps", "ranker_valid_every", "ranker_patience",
+               "n_candidates", "seed")
+
+
+class PRIMETrainer(Trainer):
+    """Trains :class:`~recbole_mm.model.prime.PRIME` stage by stage and evaluates it two ways.
+
+    Stage 1 trains the retriever exactly as a standalone run would (or loads
+    ``retriever_checkpoint``); stage 2 trains the LMM ranker on prompts built from every training
+    prefix (capped by ``ranker_train_examples``) with the answer among sampled negatives. Each
+    stage's result is stored under ``artifacts_dir`` keyed by its settings and the data, and a
+    re-run with the same settings loads it instead of recomputing. ``evaluate`` reports the
+    retriever alone (``retriever_results``) and the two-stage ranking (its return value).
+    """
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.stages = StageStore(config["artifacts_dir"])
+        self.stage_log: dict[str, dict] = {}
+        self.retriever_results: dict[str, dict] = {}
+        self._mode, self._phase = "composed", "test"
+        self.retriever_key = None
+
+    # ----------------------------------------------------------------------------- stages
+    def _stage(self, name: str, started: float, **info):
+        entry = {"wall_s": time.perf_counter() - started,
+                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **info}
+        if torch.cuda.is_available():
+            entry["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        self.stage_log[name] = entry
+        self.logger.info(f"[PRIME] stage {name}: {json.dumps(entry, default=str)}")
+
+    def train_retriever(self):
+        """Stage 1: train (or load) the retriever; returns the stage key."""
+        from recbole_mm.quick_start import _train_and_evaluate
+
+        started = time.perf_counter()
+        rconf = self.model.retriever_config
+        key = fingerprint("retriever", rconf["model"], plain_config(rconf, external_only=True),
+                          dataset_fingerprint(rconf), self.config["retriever_checkpoint"])
+        path = self.stages.folder("retriever", key) / "retriever.pth"
+        done = self.stages.done("retriever", key)
+        if done:
+            self.logger.info(f"[PRIME] stage retriever: reusing {path}")
+            info = {"reused": True}
+        elif self.config["retriever_checkpoint"]:
+            state = safe_load(self.config["retriever_checkpoint"], map_location="cpu")["state_dict"]
+            atomic_save(state, str(path))
+            info = {"loaded_from": self.config["retriever_checkpoint"]}
+            self.stages.finish("retriever", key, info)
+        else:
+            self.logger.info(f"[PRIME] stage retriever: training {rconf['model']}")
+            result = _train_and_evaluate(rconf, saved=True, resume=None)
+            atomic_save(safe_load(result["saved_model_file"], map_location="cpu")["state_dict"], str(path))
+            info = {k: result.get(k) for k in ("best_valid_result", "test_result", "epochs_run", "best_epoch",
+                                               "time_per_epoch_s", "total_time_s")}
+            self.stages.finish("retriever", key, info)
+        self.model.retriever.load_state_dict(safe_load(str(path), map_location=self.device))
+        self._stage("retriever", started, key=key, **info)
+        self.retriever_key = key
+        return key
+
+    def build_ranker(self, dataset):
+        """Load the LMM backbone (building the small local model if asked) with LoRA."""
+        from recbole_mm.data.item_store import ItemStore
+        from recbole_mm.lmm.backbone import BackboneSettings, load_backbone
+        from recbole_mm.lmm.prompts import PromptSettings
+        from recbole_mm.lmm.ranker import LMMRanker
+
+        cfg = self.config
+        store = ItemStore.from_recbole(cfg, dataset, min_pixels=cfg["image_min_pixels"],
+                                       max_pixels=cfg["image_max_pixels"])
+        name = cfg["ranker_model"]
+        if name == "small":
+            from recbole_mm.lmm.small import build_small_vlm
+
+            texts = [json.dumps(store.attributes(i), ensure_ascii=False) for i in range(1, len(store))]
+            folder = os.path.join(cfg["artifacts_dir"], f"small-vlm-{fingerprint(cfg['ranker_small'], texts)}")
+            name = build_small_vlm(folder, texts, seed=cfg["seed"], min_pixels=cfg["image_min_pixels"],
+                                   max_pixels=cfg["image_max_pixels"], **cfg["ranker_small"])
+        backbone = load_backbone(BackboneSettings(
+            name_or_path=name, quantization=cfg["ranker_quantization"], dtype=cfg["ranker_dtype"],
+            lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+            trust_remote_code=cfg["trust_remote_code"], gradient_checkpointing=cfg["gradient_checkpointing"],
+            min_pixels=cfg["image_min_pixels"], max_pixels=cfg["image_max_pixels"]))
+        if cfg["ranker_quantization"] != "4bit" and not getattr(backbone.model, "is_loaded_in_4bit", False):
+            backbone.model.to(self.device)
+        settings = PromptSettings(max_history=cfg["max_history_items"], attr_max_tokens=cfg["attr_max_tokens"],
+                                  variant=cfg["prompt_variant"], domain=cfg["prompt_domain"])
+        return LMMRanker(backbone, store, settings, device=self.device)
+
+    def training_examples(self, train_data) -> RankerExamples:
+        """One prompt per training prefix (capped): the answer among k-1 sampled negatives."""
+        from recbole_mm.sampler.ranker import RankerNegativeSampler, training_candidates
+
+        dataset = train_data._dataset
+        generator = torch.Generator().manual_seed(self.config["seed"])
+        rows = torch.arange(len(dataset))
+        cap = self.config["ranker_train_examples"]
+        if cap and cap < len(rows):
+            rows = rows[torch.randperm(len(rows), generator=generator)[:cap]]
+        feat = dataset.inter_feat[rows]
+        answers = feat[self.model.POS_ITEM_ID]
+        sampler = RankerNegativeSampler(dataset, distribution=self.config["ranker_negatives"])
+        negatives = sampler.sample(answers, self.config["n_candidates"] - 1)
+        candidates, answer_pos = training_candidates(answers, negatives, generator)
+        return RankerExamples(self.model.histories(feat), candidates, answer_pos)
+
+    @torch.no_grad()
+    def validation_examples(self, valid_data) -> RankerExamples:
+        """A sample of validation users with the retriever's top-k as candidates."""
+        from recbole_mm.sampler.ranker import retriever_candidates
+
+        dataset = valid_data._dataset
+        generator = torch.Generator().manual_seed(self.config["seed"] + 1)
+        rows = torch.randperm(len(dataset), generator=generator)[: self.config["ranker_valid_users"]]
+        feat = dataset.inter_feat[rows]
+        self.model.eval()
+        scores = torch.cat([self.model.retriever_scores(feat[i:i + 512].to(self.device)).cpu()
+                            for i in range(0, len(feat), 512)])
+        candidates = retriever_candidates(scores, self.config["n_candidates"])
+        answers = feat[self.model.POS_ITEM_ID]
+        match = candidates == answers.unsqueeze(1)
+        answer_pos = torch.where(match.any(1), match.float().argmax(1), torch.full_like(answers, -1))
+        return RankerExamples(self.model.histories(feat), candidates, answer_pos)
+
+    def train_ranker(self, train_data, valid_data):
+        """Stage 2: train (or load) the LMM ranker and attach it to the model."""
+        started = time.perf_counter()
+        key = fingerprint("ranker", self.retriever_key, {k: self.config[k] for k in RANKER_KEYS},
+                          dataset_fingerprint(self.config))
+        folder = self.stages.folder("ranker", key)
+        ranker = self.build_ranker(train_data._dataset)
+        done = self.stages.done("ranker", key)
+        trainer = RankerTrainer(ranker, self.config, str(folder))
+        if done:
+            self.logger.info(f"[PRIME] stage ranker: reusing {folder / 'adapter.pth'}")
+            trainer.load_adapter(safe_load(str(folder / "adapter.pth"), map_location="cpu"))
+            info = {"reused": True}
+        else:
+            train, valid = self.training_examples(train_data), self.validation_examples(valid_data)
+            best = trainer.fit(train, valid, seed=self.config["seed"])
+            info = {"best_valid_ndcg@10_sample": best, "train_prompts": len(train), "valid_users": len(valid),
+                    "trainable_share": ranker.backbone.trainable_share, "history": trainer.history}
+            self.stages.finish("ranker", key, info)
+        self.model.ranker = ranker
+        self._stage("ranker", started, key=key, **{k: v for k, v in info.items() if k != "history"})
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self.train_retriever()
+        self.train_ranker(train_data, valid_data)
+        self._phase = "valid"
+        result = self.evaluate(valid_data, load_best_model=False, show_progress=show_progress)
+        self._phase = "test"
+        self.best_valid_result = result
+        self.best_valid_score = result[self.valid_metric]
+        return self.best_valid_score, result
+
+    # ------------------------------------------------------------------------ evaluation
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        """Retriever alone, then retriever + ranker; returns the two-stage result."""
+        started = time.perf_counter()
+        self._mode = "retriever"
+        self.retriever_results[self._phase] = super().evaluate(eval_data, load_best_model=False,
+                                                              show_progress=show_progress)
+        self._mode, self._ranked_rows = "composed", 0
+        result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        self.logger.info(f"[PRIME] {self._phase}: retriever alone {dict(self.retriever_results[self._phase])}")
+        self.logger.info(f"[PRIME] {self._phase}: retriever + ranker {dict(result)}")
+        self._stage(f"evaluate_{self._phase}", started, ranked_users=self._ranked_rows)
+        return result
+
+    def _full_sort_batch_eval(self, batched_data):
+        interaction, history_index, positive_u, positive_i = batched_data
+        interaction = interaction.to(self.device)
+        scores = self.model.retriever_scores(interaction, history_index)
+        if self._mode == "composed" and self.model.ranker is not None:
+            k = self.model.n_candidates
+            candidates = torch.topk(scores, k, dim=1).indices
+            rows = torch.arange(len(scores), device=scores.device)
+            if self.config["rank_only_hits"] and max(self.config["topk"]) <= k:
+                # users whose answer is not a candidate score 0 at every cutoff <= k whatever the
+                # ranker does, so ranking them cannot change any reported metric
+                rows = torch.nonzero((candidates.cpu() == positive_i.unsqueeze(1)).any(1)).squeeze(1).to(scores.device)
+            ranked = []
+            bs = self.config["ranker_eval_batch_size"]
+            for start in range(0, len(rows), bs):
+                part = rows[start:start + bs]
+                ranked.append(self.model.ranker.score(self.model.histories(interaction, part), candidates[part].cpu()))
+            ranker_scores = torch.cat(ranked).to(scores.device) if ranked else scores.new_zeros(0, k)
+            scores = self.model.compose(scores, candidates, rows, ranker_scores)
+            self._ranked_rows += len(rows)
+        return interaction, scores, positive_u, positive_i
+
+    def extra_results(self) -> dict:
+        return {"retriever_valid_result": dict(self.retriever_results.get("valid", {})),
+                "retriever_test_result": dict(self.retriever_results.get("test", {})),
+                "stages": self.stage_log}

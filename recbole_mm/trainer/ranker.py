@@ -1,0 +1,151 @@
+"""Training loop of an LMM ranker: LoRA, gradient accumulation, warmup + cosine, early stopping."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from logging import getLogger
+
+import torch
+
+from recbole_mm.trainer.checkpoint import atomic_save
+
+
+@dataclass
+class RankerExamples:
+    """Prompts to train or validate on: histories (item ids, oldest first), candidates (n, k),
+    and the answer's position in each candidate row (-1 when the answer is not a candidate)."""
+
+    histories: list[list[int]]
+    candidates: torch.Tensor
+    answer_pos: torch.Tensor
+
+    def __len__(self):
+        return len(self.histories)
+
+    def subset(self, index) -> "RankerExamples":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return RankerExamples([self.histories[i] for i in index.tolist()], self.candidates[index], self.answer_pos[index])
+
+
+def ndcg_at(scores: torch.Tensor, answer_pos: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """NDCG@k per row of the answer among the scored candidates (0 where it is not a candidate)."""
+    hit = answer_pos >= 0
+    rank = torch.zeros_like(answer_pos)
+    if hit.any():
+        answer_score = scores[hit].gather(1, answer_pos[hit].unsqueeze(1))
+        rank[hit] = (scores[hit] > answer_score).sum(1)  # 0-based rank, ties in the answer's favour
+    return torch.where(hit & (rank < k), 1.0 / torch.log2(rank.float() + 2), torch.zeros_like(rank, dtype=torch.float))
+
+
+def lora_state(model) -> dict:
+    """The trainable (adapter) weights only."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class RankerTrainer:
+    """Fits an :class:`~recbole_mm.lmm.ranker.LMMRanker` on :class:`RankerExamples`.
+
+    Config keys: ``ranker_learning_rate``, ``ranker_epochs``, ``ranker_batch_size``,
+    ``ranker_grad_accum``, ``ranker_warmup_steps``, ``ranker_valid_every`` (optimizer steps),
+    ``ranker_patience`` (validations without improvement of NDCG@10), ``ranker_log_every``.
+    The best adapter weights are kept and written to ``out_dir/adapter.pth`` (weights only).
+    """
+
+    def __init__(self, ranker, config, out_dir: str):
+        self.ranker, self.config, self.out_dir = ranker, config, out_dir
+        self.logger = getLogger()
+        self.params = [p for p in ranker.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config["ranker_learning_rate"], weight_decay=0.0)
+        self.history: list[dict] = []
+
+    def _schedule(self, total_steps: int):
+        warmup = min(self.config["ranker_warmup_steps"], max(1, total_steps // 10))
+
+        def factor(step):
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    @torch.no_grad()
+    def validate(self, examples: RankerExamples) -> float:
+        """Mean NDCG@10 of the reranked candidates (rows without the answer count as 0)."""
+        self.ranker.model.eval()
+        hits = torch.nonzero(examples.answer_pos >= 0).squeeze(1)
+        total = 0.0
+        bs = self.config["ranker_eval_batch_size"]
+        for start in range(0, len(hits), bs):
+            part = examples.subset(hits[start:start + bs])
+            with self._autocast():
+                scores = self.ranker.score(part.histories, part.candidates)
+            total += float(ndcg_at(scores.cpu(), part.answer_pos).sum())
+        self.ranker.model.train()
+        return total / max(1, len(examples))
+
+    def _autocast(self):
+        if str(self.ranker.device).startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def fit(self, train: RankerExamples, valid: RankerExamples, seed: int = 0) -> float:
+        cfg = self.config
+        bs, accum = cfg["ranker_batch_size"], cfg["ranker_grad_accum"]
+        steps_per_epoch = math.ceil(len(train) / (bs * accum))
+        total = steps_per_epoch * cfg["ranker_epochs"]
+        scheduler = self._schedule(total)
+        generator = torch.Generator().manual_seed(seed)
+        best, best_state, bad, step = self.validate(valid), lora_state(self.ranker.model), 0, 0
+        self.logger.info(f"[ranker] {len(train)} training prompts, {total} optimizer steps, "
+                         f"{len(valid)} validation users; NDCG@10 before training {best:.4f}")
+        self.history.append({"step": 0, "valid_ndcg@10": best})
+        started, stop = time.perf_counter(), False
+        self.ranker.model.train()
+        for epoch in range(cfg["ranker_epochs"]):
+            order = torch.randperm(len(train), generator=generator)
+            for start in range(0, len(order), bs * accum):
+                chunk = order[start:start + bs * accum]
+                for micro in chunk.split(bs):
+                    part = train.subset(micro)
+                    with self._autocast():
+                        loss = self.ranker.loss(part.histories, part.candidates, part.answer_pos)
+                    (loss * len(micro) / len(chunk)).backward()
+                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+                self.optimizer.step()
+                scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % cfg["ranker_log_every"] == 0 or step == total:
+                    elapsed = time.perf_counter() - started
+                    self.logger.info(f"[ranker] step {step}/{total} loss {loss.item():.4f} "
+                                     f"elapsed {elapsed:.0f}s ETA {elapsed / step * (total - step):.0f}s")
+                if step % cfg["ranker_valid_every"] == 0 or step == total:
+                    score = self.validate(valid)
+                    self.history.append({"step": step, "valid_ndcg@10": score, "loss": loss.item()})
+                    self.logger.info(f"[ranker] step {step}: valid NDCG@10 {score:.4f} (best {best:.4f})")
+                    if score > best:
+                        best, best_state, bad = score, lora_state(self.ranker.model), 0
+                    else:
+                        bad += 1
+                        if bad >= cfg["ranker_patience"]:
+                            self.logger.info(f"[ranker] early stop after {bad} validations without improvement")
+                            stop = True
+                            break
+            if stop:
+                break
+        self.load_adapter(best_state)
+        atomic_save(best_state, os.path.join(self.out_dir, "adapter.pth"))
+        return best
+
+    def load_adapter(self, state: dict) -> None:
+        params = dict(self.ranker.model.named_parameters())
+        missing = set(params[n].requires_grad and n for n in params) - set(state) - {False}
+        if missing:
+            raise ValueError(f"adapter checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
