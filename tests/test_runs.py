@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -52,7 +51,7 @@ def test_checkpoint_is_weights_only_and_resume_continues(tiny_dataset):
     ckpt = first["saved_model_file"]
     state = torch.load(ckpt, weights_only=True)  # must not need unsafe unpickling
     assert state["config"]["model"] == "LRURec" and "optimizer" in state
-    assert not [f for f in os.listdir(os.path.dirname(ckpt)) if f.startswith(".tmp-")]
+    assert not [f for f in os.listdir(os.path.dirname(ckpt)) if f.endswith(".part")]  # no half-written files
 
     resumed = run_recbole_mm("LRURec", name, config_dict={**cfg, "epochs": 4}, resume=ckpt)
     assert resumed["epochs_run"] == 4 - (state["epoch"] + 1)

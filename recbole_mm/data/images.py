@@ -17,7 +17,6 @@ import io
 import os
 import re
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from recbole_mm.data.atomic import DataFormatError, read_jsonl, write_json, write_jsonl
+from recbole_mm.data.atomic import DataFormatError, atomic_output, read_jsonl, write_json, write_jsonl
 
 USER_AGENT = "recbole-mm-image-downloader/0.1"
 MAX_BYTES = 20 * 1024 * 1024
@@ -105,18 +104,8 @@ def _fetch(url: str, timeout: float, max_bytes: int) -> bytes:
 
 
 def _save(data: bytes, dest: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(dest, "wb") as f:
+        f.write(data)
 
 
 def download_one(url: str, dest: Path, *, timeout: float = 10.0, retries: int = 3, backoff: float = 1.0,

@@ -7,7 +7,7 @@ rejection rounds and, rarely, over the few rows that rejection could not fill.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from recbole_mm.data.atomic import write_json
 
 
 def fingerprint(*parts) -> str:
@@ -52,12 +53,3 @@ class StageStore:
 
     def finish(self, stage: str, key: str, info: dict) -> None:
         write_json(self.folder(stage, key) / "done.json", info)
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)

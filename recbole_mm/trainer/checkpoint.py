@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import enum
-import os
-import tempfile
 
 import torch
+
+from recbole_mm.data.atomic import atomic_output
 
 
 def plain_config(config, external_only: bool = False) -> dict:
@@ -33,18 +33,9 @@ def plain_config(config, external_only: bool = False) -> dict:
 
 
 def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``torch.save`` through a temporary file in the same folder, then rename over ``path``."""
+    with atomic_output(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def safe_load(path: str, map_location=None) -> dict:
