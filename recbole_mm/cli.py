@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     try:
         result = run_recbole_mm(model=args.model, dataset=args.dataset, config_file_list=config_files,
                                 argv=rest, resume=args.resume)
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as err:
+    except (ValueError, OSError, KeyError, ImportError) as err:  # OSError: files, unreachable model hub
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.result_file:

@@ -184,6 +184,7 @@ class PRIMETrainer(Trainer):
         self.retriever_results[self._phase] = super().evaluate(eval_data, load_best_model=False,
                                                               show_progress=show_progress)
         self._mode, self._ranked_rows = "composed", 0
+        self._progress = {"batches": len(eval_data), "done": 0, "started": time.perf_counter()}
         result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
         self.logger.info(f"[PRIME] {self._phase}: retriever alone {dict(self.retriever_results[self._phase])}")
         self.logger.info(f"[PRIME] {self._phase}: retriever + ranker {dict(result)}")
@@ -210,7 +211,16 @@ class PRIMETrainer(Trainer):
             ranker_scores = torch.cat(ranked).to(scores.device) if ranked else scores.new_zeros(0, k)
             scores = self.model.compose(scores, candidates, rows, ranker_scores)
             self._ranked_rows += len(rows)
+            self._log_progress()
         return interaction, scores, positive_u, positive_i
+
+    def _log_progress(self):
+        p = self._progress
+        p["done"] += 1
+        elapsed = time.perf_counter() - p["started"]
+        self.logger.info(f"[PRIME] evaluate {self._phase}: batch {p['done']}/{p['batches']}, "
+                         f"{self._ranked_rows} users ranked, elapsed {elapsed:.0f}s, "
+                         f"ETA {elapsed / p['done'] * (p['batches'] - p['done']):.0f}s")
 
     def extra_results(self) -> dict:
         return {"retriever_valid_result": dict(self.retriever_results.get("valid", {})),
