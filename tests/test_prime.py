@@ -1,5 +1,7 @@
 """PRIME: the two-stage ranking composition, a short end-to-end run, resume of finished stages."""
 
+import os
+
 import torch
 
 from conftest import tiny_config
@@ -56,6 +58,9 @@ def test_prime_end_to_end_and_resume(tiny_dataset, tmp_path):
     stages = first["stages"]
     assert {"retriever", "ranker", "evaluate_valid", "evaluate_test"} <= set(stages)
     assert stages["ranker"]["train_prompts"] == 12 and 0 < stages["ranker"]["trainable_share"] < 1
+    assert first["saved_model_file"] is None
+    for path in first["artifacts"].values():
+        assert os.path.isfile(path) and torch.load(path, weights_only=True)
     # the ranker only reorders the top-k: recall at the candidate cutoff cannot change
     assert first["test_result"]["recall@6"] == first["retriever_test_result"]["recall@6"]
     second = run_recbole_mm("PRIME", name, config_dict=cfg)

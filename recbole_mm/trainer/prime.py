@@ -40,6 +40,7 @@ class PRIMETrainer(Trainer):
         self.retriever_results: dict[str, dict] = {}
         self._mode, self._phase = "composed", "test"
         self.retriever_key = None
+        self.artifacts: dict[str, str] = {}
 
     # ----------------------------------------------------------------------------- stages
     def _stage(self, name: str, started: float, **info):
@@ -76,6 +77,7 @@ class PRIMETrainer(Trainer):
                                                "time_per_epoch_s", "total_time_s")}
             self.stages.finish("retriever", key, info)
         self.model.retriever.load_state_dict(safe_load(str(path), map_location=self.device))
+        self.artifacts["retriever"] = str(path)
         self._stage("retriever", started, key=key, **info)
         self.retriever_key = key
         return key
@@ -164,9 +166,11 @@ class PRIMETrainer(Trainer):
                     "trainable_share": ranker.backbone.trainable_share, "history": trainer.history}
             self.stages.finish("ranker", key, info)
         self.model.ranker = ranker
+        self.artifacts["ranker_adapter"] = str(folder / "adapter.pth")
         self._stage("ranker", started, key=key, **{k: v for k, v in info.items() if k != "history"})
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self.saved_model_file = None  # PRIME's weights are its stage artefacts (see extra_results)
         self.train_retriever()
         self.train_ranker(train_data, valid_data)
         self._phase = "valid"
@@ -225,4 +229,4 @@ class PRIMETrainer(Trainer):
     def extra_results(self) -> dict:
         return {"retriever_valid_result": dict(self.retriever_results.get("valid", {})),
                 "retriever_test_result": dict(self.retriever_results.get("test", {})),
-                "stages": self.stage_log}
+                "stages": self.stage_log, "artifacts": self.artifacts}
