@@ -38,7 +38,7 @@ def main() -> int:
     from recbole.utils import init_seed
 
     from recbole_mm.config import Config
-    from recbole_mm.lmm.verbalizer import index_letters
+    from recbole_mm.lmm.verbalizer import end_of_turn_token, index_letters
     from recbole_mm.utils import create_dataset, data_preparation, get_model, get_trainer
 
     extra = {"data_path": args.data_path, "state": "WARNING", "artifacts_dir": "saved/prime-bench"}
@@ -57,7 +57,7 @@ def main() -> int:
     feat = test_data._dataset.inter_feat[: args.users]
     histories = model.histories(feat)
     letters = index_letters(k)
-    eot = ranker.tokenizer.eos_token
+    eot = end_of_turn_token(ranker.tokenizer)
     times = {"verbalizer": [], "letters": [], "titles": []}
     new_tokens = {"letters": [], "titles": []}
     with torch.no_grad():

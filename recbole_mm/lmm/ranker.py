@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from recbole_mm.lmm.prompts import PromptSettings, build_prompt
-from recbole_mm.lmm.verbalizer import index_letters, letter_token_ids, score_candidates
+from recbole_mm.lmm.verbalizer import index_letters, letter_labels, letter_token_ids, response_text, score_candidates
 
 
 class LMMRanker:
@@ -68,14 +68,7 @@ class LMMRanker:
         """Causal-LM loss on the response only: the answer's letter and the end-of-turn token."""
         rendered = [self._render(h, c) for h, c in zip(histories, candidates.tolist())]
         letters = index_letters(candidates.size(1))
-        eot = self.tokenizer.eos_token or ""
-        texts = [text + letters[int(p)] + eot for (text, _), p in zip(rendered, answer_pos.tolist())]
+        texts = [text + response_text(self.tokenizer, letters[int(p)]) for (text, _), p in zip(rendered, answer_pos.tolist())]
         inputs = self._encode(texts, [r[1] for r in rendered])
-        # right padding: each row's response is its last two real tokens (letter, end-of-turn)
-        mask = inputs["attention_mask"]
-        last = mask.sum(1) - 1 if self.tokenizer.padding_side == "right" else torch.full_like(mask[:, 0], mask.size(1) - 1)
-        labels = torch.full_like(inputs["input_ids"], -100)
-        rows = torch.arange(len(texts), device=labels.device)
-        for offset in (0, 1):
-            labels[rows, last - offset] = inputs["input_ids"][rows, last - offset]
+        labels = letter_labels(inputs["input_ids"], inputs["attention_mask"])
         return self.model(**inputs, labels=labels).loss

@@ -8,10 +8,11 @@ response tokens (every prompt token is labelled -100).
 from __future__ import annotations
 
 import inspect
-import string
 from typing import Sequence
 
 import torch
+
+from recbole_mm.lmm import prompts
 
 IGNORE_INDEX = -100
 
@@ -21,10 +22,10 @@ class VerbalizerError(ValueError):
 
 
 def index_letters(k: int) -> list[str]:
-    """The first k capital letters: A, B, ... (k <= 26)."""
-    if not 0 < k <= 26:
+    """The first k index letters of the prompts (A, B, ...); the verbalizer needs 1 <= k <= 26."""
+    if not 0 < k <= len(prompts.LETTERS):
         raise ValueError(f"the verbalizer indexes 1..26 candidates with letters A..Z, got k={k}")
-    return list(string.ascii_uppercase[:k])
+    return prompts.index_letters(k)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
