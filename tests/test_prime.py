@@ -45,6 +45,7 @@ def _prime_config(data_path, tmp_path):
         ranker_valid_every=2,
         ranker_patience=2,
         artifacts_dir=str(tmp_path / "artifacts"),
+        preference_optimization=False,  # stage 3 has its own tests (test_preference.py)
     )
 
 
@@ -57,6 +58,7 @@ def test_prime_end_to_end_and_resume(tiny_dataset, tmp_path):
         assert all(0.0 <= v <= 1.0 for v in first[key].values())
     stages = first["stages"]
     assert {"retriever", "ranker", "evaluate_valid", "evaluate_test"} <= set(stages)
+    assert "preference" not in stages  # the "w/o preference optimization" ablation
     assert stages["ranker"]["train_prompts"] == 12 and 0 < stages["ranker"]["trainable_share"] < 1
     assert first["saved_model_file"] is None
     for path in first["artifacts"].values():

@@ -12,7 +12,8 @@ from recbole.trainer import Trainer
 
 from recbole_mm.trainer.artifacts import StageStore, dataset_fingerprint, fingerprint
 from recbole_mm.trainer.checkpoint import atomic_save, plain_config, safe_load
-from recbole_mm.trainer.ranker import RankerExamples, RankerTrainer
+from recbole_mm.trainer.preference import PREFERENCE_KEYS, PreferenceTrainer
+from recbole_mm.trainer.ranker import RankerExamples, RankerTrainer, ranked_ndcg
 
 RANKER_KEYS = ("ranker_model", "ranker_small", "ranker_quantization", "ranker_dtype", "lora_r", "lora_alpha",
                "lora_dropout", "prompt_variant", "prompt_domain", "max_history_items", "attr_max_tokens",
@@ -20,6 +21,8 @@ RANKER_KEYS = ("ranker_model", "ranker_small", "ranker_quantization", "ranker_dt
                "ranker_valid_users", "ranker_learning_rate", "ranker_epochs", "ranker_batch_size",
                "ranker_grad_accum", "ranker_warmup_steps", "ranker_valid_every", "ranker_patience",
                "n_candidates", "seed")
+# settings that change what is reported, never the trained weights: not part of a stage's key
+EVALUATION_ONLY_KEYS = ("metrics", "topk", "eval_batch_size", "show_progress", "state", "checkpoint_dir")
 
 
 class PRIMETrainer(Trainer):
@@ -27,7 +30,9 @@ class PRIMETrainer(Trainer):
 
     Stage 1 trains the retriever exactly as a standalone run would (or loads
     ``retriever_checkpoint``); stage 2 trains the LMM ranker on prompts built from every training
-    prefix (capped by ``ranker_train_examples``) with the answer among sampled negatives. Each
+    prefix (capped by ``ranker_train_examples``) with the answer among sampled negatives; stage 3
+    (``preference_optimization``) refines the retriever from the frozen ranker's judgements of
+    candidate sets sampled from it (:class:`~recbole_mm.trainer.preference.PreferenceTrainer`). Each
     stage's result is stored under ``artifacts_dir`` keyed by its settings and the data, and a
     re-run with the same settings loads it instead of recomputing. ``evaluate`` reports the
     retriever alone (``retriever_results``) and the two-stage ranking (its return value).
@@ -40,6 +45,7 @@ class PRIMETrainer(Trainer):
         self.retriever_results: dict[str, dict] = {}
         self._mode, self._phase = "composed", "test"
         self.retriever_key = None
+        self.ranker_key = None
         self.artifacts: dict[str, str] = {}
 
     # ----------------------------------------------------------------------------- stages
@@ -57,8 +63,9 @@ class PRIMETrainer(Trainer):
 
         started = time.perf_counter()
         rconf = self.model.retriever_config
-        key = fingerprint("retriever", rconf["model"], plain_config(rconf, external_only=True),
-                          dataset_fingerprint(rconf), self.config["retriever_checkpoint"])
+        settings = {k: v for k, v in plain_config(rconf, external_only=True).items() if k not in EVALUATION_ONLY_KEYS}
+        key = fingerprint("retriever", rconf["model"], settings, dataset_fingerprint(rconf),
+                          self.config["retriever_checkpoint"])
         path = self.stages.folder("retriever", key) / "retriever.pth"
         done = self.stages.done("retriever", key)
         if done:
@@ -129,13 +136,15 @@ class PRIMETrainer(Trainer):
         return RankerExamples(self.model.histories(feat), candidates, answer_pos)
 
     @torch.no_grad()
-    def validation_examples(self, valid_data) -> RankerExamples:
-        """A sample of validation users with the retriever's top-k as candidates."""
+    def validation_examples(self, valid_data, users: int | None = -1) -> RankerExamples:
+        """A sample of validation users (``ranker_valid_users`` unless given; ``None``: all) with the
+        retriever's top-k as candidates."""
         from recbole_mm.sampler.ranker import retriever_candidates
 
         dataset = valid_data._dataset
         generator = torch.Generator().manual_seed(self.config["seed"] + 1)
-        rows = torch.randperm(len(dataset), generator=generator)[: self.config["ranker_valid_users"]]
+        users = self.config["ranker_valid_users"] if users == -1 else users
+        rows = torch.randperm(len(dataset), generator=generator)[:users]
         feat = dataset.inter_feat[rows]
         self.model.eval()
         scores = torch.cat([self.model.retriever_scores(feat[i:i + 512].to(self.device)).cpu()
@@ -165,14 +174,46 @@ class PRIMETrainer(Trainer):
             info = {"best_valid_ndcg@10_sample": best, "train_prompts": len(train), "valid_users": len(valid),
                     "trainable_share": ranker.backbone.trainable_share, "history": trainer.history}
             self.stages.finish("ranker", key, info)
+        ranker.model.eval()
         self.model.ranker = ranker
+        self.ranker_key = key
         self.artifacts["ranker_adapter"] = str(folder / "adapter.pth")
         self._stage("ranker", started, key=key, **{k: v for k, v in info.items() if k != "history"})
+
+    def preference_validation(self, valid_data) -> dict:
+        """Two-stage NDCG@10 (full ranking) and the retriever's Recall@k on ``pref_valid_users``."""
+        examples = self.validation_examples(valid_data, users=self.config["pref_valid_users"])
+        score = ranked_ndcg(self.model.ranker, examples, self.config["ranker_eval_batch_size"])
+        recall = float((examples.answer_pos >= 0).float().mean())
+        return {"score": score, "ndcg@10": score, f"retriever_recall@{self.config['n_candidates']}": recall}
+
+    def optimize_retriever(self, train_data, valid_data):
+        """Stage 3: online preference optimization of the retriever (or load its result)."""
+        started = time.perf_counter()
+        key = fingerprint("preference", self.ranker_key, {k: self.config[k] for k in PREFERENCE_KEYS},
+                          dataset_fingerprint(self.config))
+        folder = self.stages.folder("preference", key)
+        path = folder / "retriever.pth"
+        done = self.stages.done("preference", key)
+        if done:
+            self.logger.info(f"[PRIME] stage preference: reusing {path}")
+            info = {"reused": True, **done}
+        else:
+            trainer = PreferenceTrainer(self.model, self.config, str(folder),
+                                        validate=lambda: self.preference_validation(valid_data))
+            info = trainer.fit(train_data._dataset, self.device)
+            atomic_save(self.model.retriever.state_dict(), str(path))
+            self.stages.finish("preference", key, info)
+        self.model.retriever.load_state_dict(safe_load(str(path), map_location=self.device))
+        self.artifacts["retriever_refined"] = str(path)
+        self._stage("preference", started, key=key, **info)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.saved_model_file = None  # PRIME's weights are its stage artefacts (see extra_results)
         self.train_retriever()
         self.train_ranker(train_data, valid_data)
+        if self.config["preference_optimization"]:
+            self.optimize_retriever(train_data, valid_data)
         self._phase = "valid"
         result = self.evaluate(valid_data, load_best_model=False, show_progress=show_progress)
         self._phase = "test"
@@ -184,6 +225,8 @@ class PRIMETrainer(Trainer):
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         """Retriever alone, then retriever + ranker; returns the two-stage result."""
         started = time.perf_counter()
+        if self.model.ranker is not None:
+            self.model.ranker.model.eval()
         self._mode = "retriever"
         self.retriever_results[self._phase] = super().evaluate(eval_data, load_best_model=False,
                                                               show_progress=show_progress)

@@ -40,6 +40,29 @@ def ndcg_at(scores: torch.Tensor, answer_pos: torch.Tensor, k: int = 10) -> torc
     return torch.where(hit & (rank < k), 1.0 / torch.log2(rank.float() + 2), torch.zeros_like(rank, dtype=torch.float))
 
 
+def ranker_autocast(ranker):
+    """bfloat16 autocast on CUDA, nothing on the CPU."""
+    if str(ranker.device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def ranked_ndcg(ranker, examples: RankerExamples, batch_size: int) -> float:
+    """Mean NDCG@10 of ``examples`` reranked by ``ranker`` in eval mode; rows whose answer is not a
+    candidate count as 0, so with a retriever's top-k (k >= 10) as candidates this is the
+    two-stage NDCG@10 of full ranking. Only rows with the answer among the candidates are scored."""
+    ranker.model.eval()
+    hits = torch.nonzero(examples.answer_pos >= 0).squeeze(1)
+    total = 0.0
+    for start in range(0, len(hits), batch_size):
+        part = examples.subset(hits[start:start + batch_size])
+        with ranker_autocast(ranker):
+            scores = ranker.score(part.histories, part.candidates)
+        total += float(ndcg_at(scores.cpu(), part.answer_pos).sum())
+    return total / max(1, len(examples))
+
+
 def lora_state(model) -> dict:
     """The trainable (adapter) weights only."""
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -72,25 +95,14 @@ class RankerTrainer:
 
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
-    @torch.no_grad()
     def validate(self, examples: RankerExamples) -> float:
         """Mean NDCG@10 of the reranked candidates (rows without the answer count as 0)."""
-        self.ranker.model.eval()
-        hits = torch.nonzero(examples.answer_pos >= 0).squeeze(1)
-        total = 0.0
-        bs = self.config["ranker_eval_batch_size"]
-        for start in range(0, len(hits), bs):
-            part = examples.subset(hits[start:start + bs])
-            with self._autocast():
-                scores = self.ranker.score(part.histories, part.candidates)
-            total += float(ndcg_at(scores.cpu(), part.answer_pos).sum())
+        score = ranked_ndcg(self.ranker, examples, self.config["ranker_eval_batch_size"])
         self.ranker.model.train()
-        return total / max(1, len(examples))
+        return score
 
     def _autocast(self):
-        if str(self.ranker.device).startswith("cuda"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        return ranker_autocast(self.ranker)
 
     def fit(self, train: RankerExamples, valid: RankerExamples, seed: int = 0) -> float:
         cfg = self.config

@@ -1,0 +1,192 @@
+"""PRIME stage 3: online preference optimization of the retriever from the frozen ranker's feedback."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from logging import getLogger
+from typing import Callable
+
+import torch
+from torch import nn
+
+from recbole_mm.model.loss import SET_LIKELIHOODS, preference_loss
+from recbole_mm.sampler.candidate_sets import CandidateSetSampler, label_pairs
+from recbole_mm.trainer.checkpoint import atomic_save, safe_load
+from recbole_mm.trainer.ranker import ranker_autocast
+
+PREFERENCE_KEYS = ("pref_set_likelihood", "pref_beta", "pref_learning_rate", "pref_weight_decay", "pref_dropout",
+                   "pref_epochs", "pref_batch_size", "pref_train_examples", "pref_warmup_steps", "pref_max_grad_norm",
+                   "pref_max_tries", "pref_valid_every", "pref_valid_users", "pref_patience", "n_candidates", "seed")
+
+
+def set_dropout(module: nn.Module, p: float) -> None:
+    """Every ``nn.Dropout`` of ``module`` drops with probability ``p`` from now on."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = float(p)
+
+
+class PreferenceTrainer:
+    """Fine-tunes PRIME's retriever with ``CE + beta * L_or`` (PRIME Eq. 8) on sampled set pairs.
+
+    For each batch of training prefixes: the retriever (in eval mode) gives the softmax from which
+    :class:`~recbole_mm.sampler.candidate_sets.CandidateSetSampler` draws two sets per prefix; the
+    frozen ranker is called, in batches, only for the prefixes where both sets hold the answer;
+    then one optimizer step on the retriever (in train mode, dropout ``pref_dropout``).
+    ``validate()`` (two-stage NDCG@10 on validation users, supplied by the caller) runs before the
+    first step and every ``pref_valid_every`` steps; the best retriever is kept, training stops after
+    ``pref_patience`` validations without improvement. After each validation the whole state is
+    written to ``out_dir/progress.pth`` (weights only), from which an interrupted run resumes.
+    """
+
+    def __init__(self, model, config, out_dir: str, validate: Callable[[], dict]):
+        self.model, self.config, self.out_dir, self.validate = model, config, out_dir, validate
+        self.retriever = model.retriever
+        self.logger = getLogger()
+        if config["pref_set_likelihood"] not in SET_LIKELIHOODS:
+            raise ValueError(f"pref_set_likelihood must be one of {SET_LIKELIHOODS}, "
+                             f"not {config['pref_set_likelihood']!r}")
+        if config["pref_batch_size"] < 1 or config["pref_epochs"] < 0 or config["pref_valid_every"] < 1:
+            raise ValueError("pref_batch_size and pref_valid_every must be >= 1 and pref_epochs >= 0, got "
+                             f"{config['pref_batch_size']}, {config['pref_valid_every']}, {config['pref_epochs']}")
+        self.sampler = CandidateSetSampler(config["n_candidates"], config["pref_max_tries"])
+        wd = config["pref_weight_decay"]
+        groups = (self.retriever.optimizer_param_groups(wd) if hasattr(self.retriever, "optimizer_param_groups")
+                  else [{"params": list(self.retriever.parameters()), "weight_decay": wd}])
+        self.optimizer = torch.optim.AdamW(groups, lr=config["pref_learning_rate"], eps=1e-9)
+        self.history: list[dict] = []
+        self.counts = {"both": 0, "first_only": 0, "second_only": 0, "forced": 0}
+        self.ranker_prompts = 0
+        self.ranker_batches = 0
+
+    # ------------------------------------------------------------------------------ pieces
+    def _schedule(self, total: int):
+        warmup = min(self.config["pref_warmup_steps"], max(1, total // 10))
+
+        def factor(step):  # linear warmup, then linear decay to 0 (the reference code)
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    @torch.no_grad()
+    def judge(self, feat, rows: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """The frozen ranker's scores of ``candidates`` for the prefixes ``rows`` of ``feat``."""
+        ranker = self.model.ranker
+        ranker.model.eval()
+        histories = self.model.histories(feat, rows.to(feat[self.model.ITEM_SEQ].device))
+        bs = self.config["ranker_eval_batch_size"]
+        out = []
+        for start in range(0, len(histories), bs):
+            with ranker_autocast(ranker):
+                out.append(ranker.score(histories[start:start + bs], candidates[start:start + bs].cpu()).cpu())
+            self.ranker_batches += 1
+        self.ranker_prompts += len(histories)
+        return torch.cat(out)
+
+    def _logits(self, feat) -> torch.Tensor:
+        logits = self.retriever.full_sort_predict(feat).view(len(feat), -1).float()
+        return logits.masked_fill(torch.arange(logits.size(1), device=logits.device) == 0, float("-inf"))
+
+    def step_loss(self, feat, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Sample and label the pairs of one batch of prefixes; the loss to minimise and its parts."""
+        answers = feat[self.model.POS_ITEM_ID]
+        self.retriever.eval()
+        with torch.no_grad():
+            log_probs = self._logits(feat).log_softmax(1)
+        pairs = self.sampler.sample(log_probs, answers, generator)
+        for name, n in pairs.counts().items():
+            self.counts[name] += n
+        chosen, rejected, _ = label_pairs(pairs, answers, lambda rows, cands: self.judge(feat, rows, cands))
+        self.retriever.train()
+        loss, parts = preference_loss(self._logits(feat), answers, chosen, rejected, self.config["pref_beta"],
+                                      self.config["pref_set_likelihood"])
+        return loss, {**parts, **pairs.counts()}
+
+    # ------------------------------------------------------------------------------- loop
+    def _progress_path(self) -> str:
+        return os.path.join(self.out_dir, "progress.pth")
+
+    def _save_progress(self, step, scheduler, best, best_state, bad):
+        atomic_save({"step": step, "retriever": self.retriever.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "best": best, "best_state": best_state, "bad": bad,
+                     "history": self.history, "counts": self.counts, "ranker_prompts": self.ranker_prompts,
+                     "ranker_batches": self.ranker_batches}, self._progress_path())
+
+    def fit(self, dataset, device) -> dict:
+        """Run stage 3 on the training prefixes of ``dataset``; returns what happened."""
+        cfg = self.config
+        n = len(dataset)
+        per_epoch = min(n, cfg["pref_train_examples"] or n)
+        bs = cfg["pref_batch_size"]
+        steps_per_epoch = math.ceil(per_epoch / bs)
+        total = steps_per_epoch * cfg["pref_epochs"]
+        scheduler = self._schedule(total)
+        set_dropout(self.retriever, cfg["pref_dropout"])
+        start_step, stop = 0, False
+        if os.path.isfile(self._progress_path()):
+            state = safe_load(self._progress_path(), map_location=device)
+            self.retriever.load_state_dict(state["retriever"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_step, best, best_state, bad = state["step"], state["best"], state["best_state"], state["bad"]
+            self.history, self.counts = state["history"], state["counts"]
+            self.ranker_prompts, self.ranker_batches = state["ranker_prompts"], state["ranker_batches"]
+            self.logger.info(f"[PRIME] stage preference: resuming at step {start_step}/{total}")
+        else:
+            first = self.validate()
+            best, bad = first["score"], 0
+            best_state = {k: v.detach().cpu().clone() for k, v in self.retriever.state_dict().items()}
+            self.history.append({"step": 0, **first})
+            self.logger.info(f"[PRIME] stage preference: {per_epoch} prefixes per epoch, {total} steps; "
+                             f"before: {first}")
+            self._save_progress(0, scheduler, best, best_state, bad)
+        stop = bad >= cfg["pref_patience"]
+        started = time.perf_counter()
+        step = start_step
+        for epoch in range(cfg["pref_epochs"]):
+            if stop:
+                break
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] + epoch))[:per_epoch]
+            for b in range(steps_per_epoch):
+                if epoch * steps_per_epoch + b < start_step:
+                    continue
+                feat = dataset.inter_feat[order[b * bs:(b + 1) * bs]].to(device)
+                generator = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
+                loss, parts = self.step_loss(feat, generator)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg["pref_max_grad_norm"]:
+                    nn.utils.clip_grad_norm_(self.retriever.parameters(), cfg["pref_max_grad_norm"])
+                self.optimizer.step()
+                scheduler.step()
+                step += 1
+                if step % cfg["ranker_log_every"] == 0 or step == total:
+                    elapsed = time.perf_counter() - started
+                    done = step - start_step
+                    self.logger.info(f"[PRIME] stage preference: step {step}/{total} loss {loss.item():.4f} "
+                                     f"{parts} ranker prompts {self.ranker_prompts} elapsed {elapsed:.0f}s "
+                                     f"ETA {elapsed / done * (total - step):.0f}s")
+                if step % cfg["pref_valid_every"] == 0 or step == total:
+                    result = self.validate()
+                    self.history.append({"step": step, "loss": loss.item(), **result})
+                    self.logger.info(f"[PRIME] stage preference: step {step}: {result} (best {best:.4f})")
+                    if result["score"] > best:
+                        best, bad = result["score"], 0
+                        best_state = {k: v.detach().cpu().clone() for k, v in self.retriever.state_dict().items()}
+                    else:
+                        bad += 1
+                    stop = bad >= cfg["pref_patience"]
+                    self._save_progress(step, scheduler, best, best_state, bad)
+                    if stop:
+                        self.logger.info(f"[PRIME] stage preference: early stop after {bad} validations "
+                                         "without improvement")
+                        break
+        self.retriever.load_state_dict(best_state)
+        self.retriever.eval()
+        return {"best_valid_score": best, "steps": step, "total_steps": total, "prefixes_per_epoch": per_epoch,
+                "pairs": dict(self.counts), "ranker_prompts": self.ranker_prompts,
+                "ranker_batches": self.ranker_batches, "history": self.history}
