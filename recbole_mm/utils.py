@@ -19,6 +19,7 @@ from recbole.utils import ModelType
 MODELS = {
     "LRURec": "recbole_mm.model.lrurec",
     "PRIME": "recbole_mm.model.prime",
+    "VLM4Rec": "recbole_mm.model.vlm4rec",
 }
 
 _RECBOLE_SUBMODULES = (
@@ -67,6 +68,7 @@ def get_model(model_name: str):
 # model name -> "module:Class" of a trainer that replaces RecBole's for that model.
 TRAINERS: dict[str, str] = {
     "PRIME": "recbole_mm.trainer.prime:PRIMETrainer",
+    "VLM4Rec": "recbole_mm.trainer.vlm4rec:VLM4RecTrainer",
 }
 
 
