@@ -20,6 +20,11 @@ class LRURec(SequentialRecommender):
     a full-softmax cross-entropy at every real position of one sequence per user; with ``last``
     it is RecBole's usual loss at the last position of each prefix sample. Padding costs nothing:
     every layer runs on the packed real positions only (see :func:`recbole_mm.model.layers.linear_scan`).
+
+    ``start_token`` (with ``train_positions: all``) adds the reference code's extra target: a learned
+    start token, which carries no state into the sequence, predicts the first item of every
+    sequence that begins at the user's first item. In the reference this is its trained padding
+    slot just before the sequence (``labels = seq[-L:]`` is one item longer than the inputs).
     """
 
     input_type = InputType.POINTWISE
@@ -39,6 +44,9 @@ class LRURec(SequentialRecommender):
                      config["r_min"], config["r_max"])
             for _ in range(config["n_layers"]))
         self.output_bias = nn.Parameter(torch.zeros(self.n_items))
+        self.start_embedding = nn.Parameter(torch.zeros(self.hidden_size)) if config["start_token"] else None
+        if self.start_embedding is not None and self.train_positions != "all":
+            raise ValueError("start_token needs train_positions: all (it adds a target before the first position)")
         self._truncated_normal_init(config["initializer_range"])
 
     def _truncated_normal_init(self, std: float):
@@ -60,10 +68,14 @@ class LRURec(SequentialRecommender):
     def forward(self, item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states of the real positions, packed: ((tokens, hidden), flat index into item_seq)."""
         index, position = pack(item_seq > 0)
-        x = self.emb_layer_norm(self.emb_dropout(self.item_embedding(item_seq.reshape(-1)[index])))
+        return self.encode(self.item_embedding(item_seq.reshape(-1)[index]), position), index
+
+    def encode(self, embedded: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The blocks over packed input embeddings ``(tokens, hidden)`` at ``position`` in their sequence."""
+        x = self.emb_layer_norm(self.emb_dropout(embedded))
         for block in self.blocks:
             x = block(x, position)
-        return x, index
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.item_embedding.weight.T + self.output_bias
@@ -75,7 +87,13 @@ class LRURec(SequentialRecommender):
         if self.train_positions == "all":
             labels = torch.cat([seq[:, 1:], torch.zeros_like(seq[:, :1])], dim=1)
             labels[torch.arange(len(seq), device=seq.device), lengths - 1] = target
-            return F.cross_entropy(self.logits(hidden), labels.reshape(-1)[index])
+            labels = labels.reshape(-1)[index]
+            if self.start_embedding is not None:
+                # rows shorter than the window begin at the user's first item: one length-1 sequence each
+                first = seq[lengths < seq.size(1), 0]
+                start = self.encode(self.start_embedding.expand(len(first), -1), torch.zeros_like(first))
+                hidden, labels = torch.cat([hidden, start]), torch.cat([labels, first])
+            return F.cross_entropy(self.logits(hidden), labels)
         return F.cross_entropy(self.logits(hidden[torch.cumsum(lengths, 0) - 1]), target)
 
     def _last_hidden(self, interaction):
