@@ -25,9 +25,10 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
+
+from recbole_mm import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -61,31 +62,10 @@ def variants(dataset: str) -> list[tuple[str, str, list[str]]]:
 
 
 def run_one(label, model, dataset, args, run_dir, scratch, rerun) -> dict:
-    os.makedirs(run_dir, exist_ok=True)
     slug = label.replace(" ", "_").replace("=", "-")
-    result_file = os.path.join(run_dir, f"{slug}.json")
-    if os.path.exists(result_file) and not rerun:
-        with open(result_file, encoding="utf-8") as f:
-            stored = json.load(f)
-        if stored.get("bench_args") == args:
-            print(f"[vlm4rec-bench] {label}: reusing {result_file}", flush=True)
-            return stored
-    cwd = os.path.join(scratch, "runs", slug)
-    os.makedirs(cwd, exist_ok=True)
-    cmd = [sys.executable, "-m", "recbole_mm.cli", f"--model={model}", f"--dataset={dataset}",
-           f"--result_file={os.path.abspath(result_file)}", "--show_progress=False", *args]
-    print(f"[vlm4rec-bench] {label}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-    started = time.perf_counter()
-    with open(os.path.join(run_dir, f"{slug}.log"), "w", encoding="utf-8") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
-    if proc.returncode != 0:
-        raise SystemExit(f"[vlm4rec-bench] {label} failed (exit {proc.returncode}); see {run_dir}/{slug}.log")
-    with open(result_file, encoding="utf-8") as f:
-        result = json.load(f)
-    result.update(bench_args=args, wall_s=time.perf_counter() - started, label=label, load_avg=os.getloadavg())
-    with open(result_file + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2, default=str)
-    os.replace(result_file + ".tmp", result_file)
+    result = bench.run_one(model, dataset, args, run_dir, rerun, name=slug, cwd=os.path.join(scratch, "runs", slug),
+                           tag="vlm4rec-bench")
+    result["label"] = label
     return result
 
 

@@ -39,30 +39,38 @@ def _parse_model_args(text: str) -> dict[str, list[str]]:
     return out
 
 
-def run_one(model: str, dataset: str, args: list[str], run_dir: str, rerun: bool) -> dict:
-    """Run one model in a subprocess (or reuse its stored result); returns the result dict."""
+def run_one(model: str, dataset: str, args: list[str], run_dir: str, rerun: bool, *, name: str | None = None,
+            cwd: str | None = None, tag: str = "bench") -> dict:
+    """Run one model in a subprocess (or reuse its stored result); returns the result dict.
+
+    The result and log are ``<run_dir>/<name>.json`` / ``.log`` (``name`` defaults to the model); a
+    stored result is reused when it was made with the same ``args``. The run's working directory
+    (where RecBole writes log/ and saved/) is ``cwd``, by default ``run_dir``.
+    """
+    name = name or model
     os.makedirs(run_dir, exist_ok=True)
-    result_file = os.path.join(run_dir, f"{model}.json")
+    result_file = os.path.join(run_dir, f"{name}.json")
     cmd = [sys.executable, "-m", "recbole_mm.cli", f"--model={model}", f"--dataset={dataset}",
            f"--result_file={os.path.abspath(result_file)}", "--show_progress=False", *args]
     if os.path.exists(result_file) and not rerun:
         with open(result_file, encoding="utf-8") as f:
             stored = json.load(f)
         if stored.get("bench_args") == args:
-            print(f"[bench] {model}: reusing {result_file}", flush=True)
+            print(f"[{tag}] {name}: reusing {result_file}", flush=True)
             return stored
-    print(f"[bench] {model}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    print(f"[{tag}] {name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    cwd = cwd or run_dir
+    os.makedirs(cwd, exist_ok=True)
     start = time.perf_counter()
-    with open(os.path.join(run_dir, f"{model}.log"), "w", encoding="utf-8") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir)
+    with open(os.path.join(run_dir, f"{name}.log"), "w", encoding="utf-8") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     if proc.returncode != 0:
-        raise SystemExit(f"[bench] {model} failed (exit {proc.returncode}); see {run_dir}/{model}.log")
+        raise SystemExit(f"[{tag}] {name} failed (exit {proc.returncode}); see {run_dir}/{name}.log")
     with open(result_file, encoding="utf-8") as f:
         result = json.load(f)
-    result["bench_args"] = args
-    result["wall_s"] = time.perf_counter() - start
+    result.update(bench_args=args, wall_s=time.perf_counter() - start, load_avg=os.getloadavg())
     with open(result_file + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+        json.dump(result, f, indent=2, default=str)
     os.replace(result_file + ".tmp", result_file)
     return result
 
