@@ -2,7 +2,6 @@
 labelling rules, and short end-to-end runs (with an interrupted run that resumes)."""
 
 import math
-import os
 
 import pytest
 import torch
