@@ -356,3 +356,14 @@ def test_bad_settings_fail_clearly(shared, tmp_path):
     cfg["data_path"] = str(folder.parent)
     with pytest.raises(DataFormatError, match="needs item images.*fusion: text"):
         run_recbole_mm("VLM4Rec", "noimg", config_dict=cfg)
+
+
+def test_describer_command_names_a_missing_items_file(tmp_path, capsys):
+    from recbole_mm.lmm.describer import main
+
+    assert main(["--dataset=shop", f"--data_path={tmp_path}", "--model=small"]) == 2
+    err = capsys.readouterr().err
+    assert "shop.items.jsonl not found" in err and "--data_path" in err
+    (tmp_path / "shop.items.jsonl").write_text('{"title": "no id"}\n', encoding="utf-8")
+    assert main(["--dataset=shop", f"--data_path={tmp_path}", "--model=small"]) == 2
+    assert "item_id" in capsys.readouterr().err

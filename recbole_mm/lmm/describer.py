@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -337,8 +338,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     folder = Path(args.data_path)
-    tokens = [json.loads(line)["item_id"] for line in open(folder / f"{args.dataset}.items.jsonl", encoding="utf-8")
-              if line.strip()]
+    items_file = folder / f"{args.dataset}.items.jsonl"
+    if not items_file.is_file():
+        print(f"error: {items_file} not found: --data_path must be the dataset's folder (prepare it with "
+              f"recbole-mm-data prepare) and --dataset its name", file=sys.stderr)
+        return 2
+    try:
+        with open(items_file, encoding="utf-8") as f:
+            tokens = [json.loads(line)["item_id"] for line in f if line.strip()]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        print(f"error: {items_file}: every line must be a JSON object with an item_id ({type(e).__name__}: {e})",
+              file=sys.stderr)
+        return 2
     store = ItemStore(folder, tokens, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     prompt = args.prompt or (CAPTION_PROMPT if args.tag == "captions" else DESCRIPTION_PROMPT)
     settings = DescriberSettings(model=args.model, prompt=prompt, text_prompt=args.text_prompt,
