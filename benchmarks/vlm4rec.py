@@ -14,7 +14,8 @@ same (``--rerun`` to force). Writes ``benchmarks/results/vlm4rec_<dataset>.md`` 
   (no pretrained image encoder is available offline): they measure the machinery and its cost,
   not the value of real image features.
 - Beauty (no images): title and title + attributes; LRURec / SASRec numbers are read from
-  ``benchmarks/results/beauty_retrievers_runs`` (same protocol, mask_history off) instead of rerun.
+  ``benchmarks/results/beauty_retrievers_runs`` (same protocol, mask_history off) instead of rerun;
+  LRURec with mask_history on (the VLM4Rec paper's protocol) is run here.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def variants(dataset: str) -> list[tuple[str, str, list[str]]]:
                          ["--text_source=description", f"--fusion={fusion}", "--mask_history=True",
                           "--image_encoder=small", f"--image_encoder_small={RANDOM_CLIP}"]))
     elif dataset == "beauty":
+        # the paper's protocol (mask on) for LRURec; its mask-off row and SASRec come from beauty_retrievers
+        runs.append(("LRURec mask=True", "LRURec", ["--mask_history=True"]))
         for source in ("title", "title_attributes"):
             for mask in ("True", "False"):
                 runs.append((f"VLM4Rec {source} text mask={mask}", "VLM4Rec",
@@ -163,9 +166,9 @@ def main(argv=None) -> int:
             rows.append(row_of(label, run_one(label, model, dataset, base + extra, run_dir, scratch, args.rerun)))
         notes, costs = [], []
         if dataset == "beauty":
-            notes.append("LRURec and SASRec rows: copied from `benchmarks/results/beauty_retrievers_runs/*.json` "
-                         "(recbole-mm-bench, mask_history off; SASRec was capped at 2 epochs there, so it is "
-                         "far from converged). Not rerun here.")
+            notes.append("LRURec mask=False and SASRec rows: copied from `benchmarks/results/beauty_retrievers_runs/"
+                         "*.json` (recbole-mm-bench, mask_history off; SASRec was capped at 2 epochs there, so it "
+                         "is far from converged). Not rerun here. LRURec mask=True is run here.")
             for model in ("LRURec", "SASRec"):
                 with open(os.path.join(RESULTS, "beauty_retrievers_runs", f"{model}.json"), encoding="utf-8") as f:
                     stored = json.load(f)
