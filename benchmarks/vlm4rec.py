@@ -159,11 +159,13 @@ def main(argv=None) -> int:
         common = [f"--data_path={data_path}", f"--embedding_cache_dir={scratch}/cache",
                   f"--checkpoint_dir={scratch}/saved", f"--artifacts_dir={scratch}/artifacts"]
         run_dir = os.path.join(RESULTS, "vlm4rec_runs", dataset)
-        rows = []
+        rows, loads = [], []
         for label, model, extra in variants(dataset):
             base = common if model == "VLM4Rec" else [a for a in common
                                                       if a.startswith(("--data_path", "--checkpoint"))]
-            rows.append(row_of(label, run_one(label, model, dataset, base + extra, run_dir, scratch, args.rerun)))
+            result = run_one(label, model, dataset, base + extra, run_dir, scratch, args.rerun)
+            loads.append((result.get("load_avg") or [0.0])[0])
+            rows.append(row_of(label, result))
         notes, costs = [], []
         if dataset == "beauty":
             notes.append("LRURec mask=False and SASRec rows: copied from `benchmarks/results/beauty_retrievers_runs/"
@@ -194,8 +196,8 @@ def main(argv=None) -> int:
                 costs.append(f"- Image embedding (random CLIP ViT, CPU 1 thread): {r['image_items_per_s']:.1f} items/s")
         costs.append("- Scoring: `score ms/user` = profile + cosine against every item, per evaluated user "
                      "(valid + test), CPU 1 thread; the item table is built once per evaluation.")
-        costs.append(f"- Machine: 2 CPU cores shared with other benchmark jobs during these runs "
-                     f"(load average at the end: {os.getloadavg()[0]:.1f}); timings are indicative.")
+        costs.append(f"- Machine: 2 CPU cores, shared with other benchmark jobs during some runs (1-minute load "
+                     f"average at the end of each run: {min(loads):.1f} to {max(loads):.1f}); timings are indicative.")
         write_tables(dataset, rows, costs, command, os.path.join(RESULTS, f"vlm4rec_{dataset}"), notes)
     return 0
 
