@@ -160,6 +160,10 @@ class ItemStore:
             raise IndexError(f"item id {i} out of range 0..{len(self.tokens) - 1}")
         return i
 
+    def item_ids(self) -> range:
+        """The internal ids of the real items (every id but RecBole's ``[PAD]`` at 0)."""
+        return range(1 if self.tokens and self.tokens[0] == PAD_TOKEN else 0, len(self.tokens))
+
     def token(self, item_id: Any) -> str:
         """The original item token of an internal id."""
         return self.tokens[self._index(item_id)]
@@ -274,7 +278,7 @@ class ItemStore:
 
     def stats(self) -> dict:
         """Counts: items, items with attributes, items whose image file exists."""
-        ids = range(1 if self.tokens and self.tokens[0] == PAD_TOKEN else 0, len(self.tokens))
+        ids = self.item_ids()
         return {"items": len(ids), "with_attributes": sum(1 for i in ids if self._attrs[i]),
                 "with_image_file": sum(1 for i in ids if self.has_image(i))}
 

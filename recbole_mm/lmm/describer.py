@@ -248,10 +248,6 @@ def load_describer(settings: DescriberSettings, device="cpu", small_texts: Calla
     return Describer(backbone, settings, device)
 
 
-def _real_ids(store) -> list[int]:
-    return [i for i in range(len(store)) if not (i == 0 and store.token(0) == "[PAD]")]
-
-
 def generate_descriptions(store, cache: DescriptionCache, settings: DescriberSettings,
                           describer: Describer | Callable[[], Describer], *, item_ids: Sequence[int] | None = None,
                           progress_every: int = 10) -> dict:
@@ -260,7 +256,7 @@ def generate_descriptions(store, cache: DescriptionCache, settings: DescriberSet
     ``describer`` may be a function that loads it, called only when something is left to do.
     Items are processed in batches; each finished batch is appended to the cache at once.
     """
-    ids = list(item_ids) if item_ids is not None else _real_ids(store)
+    ids = list(item_ids) if item_ids is not None else store.item_ids()
     done = cache.load()
     identity = settings.identity()
     cache.check_settings(identity, bool(done))
@@ -309,7 +305,7 @@ def generate_descriptions(store, cache: DescriptionCache, settings: DescriberSet
         stats["items_per_s"] = stats["generated"] / stats["seconds"] if stats["seconds"] > 0 else None
     cache.consolidate([store.token(i) for i in range(len(store))])
     records = cache.load()
-    missing = [i for i in _real_ids(store) if store.token(i) not in records
+    missing = [i for i in store.item_ids() if store.token(i) not in records
                and not (settings.missing_image == "skip" and not store.has_image(i))]
     cache.write_meta(identity, complete=not missing, items=len(records), last_run=stats)
     return stats

@@ -31,7 +31,7 @@ def item_texts(config, store) -> tuple[list[str | None], dict]:
     from recbole_mm.lmm.describer import attributes_text
 
     source = config["text_source"]
-    real = [i for i in range(len(store)) if not (i == 0 and store.token(0) == "[PAD]")]
+    real = store.item_ids()
     info: dict = {"text_source": source}
     if source == "generated":
         by_token, info["describer"] = _generated(config, store)
@@ -140,7 +140,7 @@ def build_item_representations(config, dataset) -> dict:
         from recbole_mm.data.atomic import DataFormatError
         from recbole_mm.lmm.image_encoder import ImageEncoder, build_small_clip
 
-        rows = [i for i in range(n) if not (i == 0 and store.token(0) == "[PAD]") and store.has_image(i)]
+        rows = [i for i in store.item_ids() if store.has_image(i)]
         if not rows:
             raise DataFormatError(f"fusion {fusion!r} needs item images, but no item has an image file",
                                   file=store.source, field="image",
