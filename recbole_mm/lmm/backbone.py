@@ -36,6 +36,8 @@ class BackboneLoadError(OSError):
 
 @dataclass
 class BackboneSettings:
+    """What :func:`load_backbone` loads: checkpoint, precision/quantization, LoRA and image limits."""
+
     name_or_path: str = "Qwen/Qwen2-VL-2B-Instruct"
     quantization: str = "auto"        # auto = 4-bit NF4 only when CUDA is available; '4bit' | 'none'
     dtype: str = "auto"               # auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU
@@ -59,6 +61,8 @@ class BackboneSettings:
 
 @dataclass
 class Backbone:
+    """A loaded backbone: the (LoRA-wrapped) model with its processor/tokenizer and how it was loaded."""
+
     model: Any
     processor: Any            # None for text-only models
     tokenizer: Any
