@@ -170,11 +170,16 @@ def main(argv=None) -> int:
         if dataset == "beauty":
             notes.append("LRURec mask=False and SASRec rows: copied from `benchmarks/results/beauty_retrievers_runs/"
                          "*.json` (recbole-mm-bench, mask_history off; SASRec was capped at 2 epochs there, so it "
-                         "is far from converged). Not rerun here. LRURec mask=True is run here.")
-            for model in ("LRURec", "SASRec"):
-                with open(os.path.join(RESULTS, "beauty_retrievers_runs", f"{model}.json"), encoding="utf-8") as f:
+                         "is far from converged) and, where it exists, `beauty_sasrec_b256_runs/SASRec.json` "
+                         "(SASRec trained with a batch of 256). Not rerun here. LRURec mask=True is run here.")
+            for model, source in (("LRURec", "beauty_retrievers"), ("SASRec", "beauty_retrievers"),
+                                  ("SASRec", "beauty_sasrec_b256")):
+                path = os.path.join(RESULTS, f"{source}_runs", f"{model}.json")
+                if not os.path.exists(path):
+                    continue
+                with open(path, encoding="utf-8") as f:
                     stored = json.load(f)
-                rows.append({**row_of(f"{model} mask=False (beauty_retrievers)", stored), "mask_history": "False"})
+                rows.append({**row_of(f"{model} mask=False ({source})", stored), "mask_history": "False"})
         if dataset == "hm":
             notes.append("`description` = H&M's human-written product text, the stand-in for VLM-generated "
                          "descriptions (no pretrained vision-language model can be loaded offline here). "
