@@ -61,36 +61,45 @@ def main() -> int:
     histories = model.histories(feat)
     letters = index_letters(k)
     eot = end_of_turn_token(ranker.tokenizer)
+    cuda = str(ranker.device).startswith("cuda")
+
+    def now() -> float:  # CUDA runs asynchronously: wait for the queued work before reading the clock
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     times = {"prompt": [], "verbalizer": [], "letters": [], "titles": []}
     new_tokens = {"letters": [], "titles": []}
     with torch.no_grad():
         for u, history in enumerate(histories):
             cands = popular[torch.randperm(len(popular), generator=torch.Generator().manual_seed(u))[:k]].unsqueeze(0)
-            start = time.perf_counter()
+            start = now()
             text, images = ranker._render(history, cands[0].tolist())
             inputs = ranker._encode([text], [images])
-            times["prompt"].append(time.perf_counter() - start)
+            times["prompt"].append(now() - start)
             letter_ids = ranker.letter_ids(text, k)
-            start = time.perf_counter()
+            start = now()
             score_candidates(lm, inputs, letter_ids)
-            times["verbalizer"].append(time.perf_counter() - start)
+            times["verbalizer"].append(now() - start)
             answers = {"letters": ", ".join(letters) + eot,
                        "titles": "\n".join(str(ranker.store.attributes(i).get("title", "")) for i in cands[0].tolist()) + eot}
             for kind, answer in answers.items():
                 n = len(ranker.tokenizer(answer, add_special_tokens=False)["input_ids"])
-                start = time.perf_counter()
+                start = now()
                 out = lm.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                   pad_token_id=ranker.tokenizer.pad_token_id)
-                times[kind].append(time.perf_counter() - start)
+                times[kind].append(now() - start)
                 new_tokens[kind].append(out.shape[1] - inputs["input_ids"].shape[1])
     med = {k: statistics.median(v) for k, v in times.items()}
     e2e = {k: statistics.median(p + t for p, t in zip(times["prompt"], times[k])) for k in ("verbalizer", "letters", "titles")}
     prompt_tokens = inputs["input_ids"].shape[1]
     lines = [f"# Verbalizer vs generation: {args.dataset}", "",
              f"Command: `python benchmarks/verbalizer_speed.py --dataset={args.dataset} --data_path={args.data_path} "
-             f"--users={args.users} --config_files={args.config_files}`", "",
+             f"--users={args.users} --config_files={args.config_files}"
+             f"{f' --ranker_model={args.ranker_model}' if args.ranker_model else ''}`", "",
              f"Ranker: `{config['ranker_model']}` ({'vision-language' if ranker.backbone.is_vision else 'text'}, "
-             f"{sum(p.numel() for p in lm.parameters()):,} parameters), CPU, {torch.get_num_threads()} threads, "
+             f"{sum(p.numel() for p in lm.parameters()):,} parameters), "
+             f"{torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'}, "
              f"{k} candidates, last {config['max_history_items']} history items, images "
              f"{'on' if ranker.use_images else 'off'}; last prompt {prompt_tokens} tokens. Median over {args.users} users, "
              f"one user at a time. Building and encoding a prompt (the same for every method): "
