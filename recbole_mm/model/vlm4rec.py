@@ -311,8 +311,8 @@ class VLM4Rec(SequentialRecommender):
         return F.cross_entropy(logits, torch.arange(len(target), device=logits.device))
 
     def predict(self, interaction):
-        profiles = self.user_profiles(interaction, self.item_table())
-        return (profiles * self.item_table()[interaction[self.ITEM_ID]]).sum(-1)
+        table = self.item_table()
+        return (self.user_profiles(interaction, table) * table[interaction[self.ITEM_ID]]).sum(-1)
 
     def full_sort_predict(self, interaction):
         table = self.item_table()
