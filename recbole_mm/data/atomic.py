@@ -5,7 +5,16 @@ quoting, so a value that contains a tab or a newline, or that begins with ``"``,
 merges columns and rows. Values written here are therefore *sanitised*: tabs, newlines and other
 control characters become a space, double quotes become single quotes, and invalid Unicode
 (lone surrogates) becomes U+FFFD. The exact raw text of an item is kept in the JSON-lines side file
-``<name>.items.jsonl``, which RecBole never reads.
+``<name>.items.jsonl``, which RecBole never reads (there too, surrogate pairs, as Python 2 wrote
+astral characters, are joined and lone surrogates become U+FFFD: UTF-8 cannot hold them).
+
+Ids (the required ``token`` fields, e.g. ``user_id``, ``item_id``) that differ in the input but
+become equal once sanitised (``'A\\tB'`` and ``'A B'``) are refused, naming both raw ids.
+
+Every file is written to a temporary file beside it and renamed (:func:`atomic_output`); a dataset
+of several files is built in a temporary folder and published when complete
+(:func:`staged_folder`). Temporary files and folders left by a killed process (``.<name>.*.part``)
+carry no lock and are removed by :func:`remove_stale_temps` on later writes into that folder.
 
 Input that cannot be made valid (a missing key field, a float that is not a number, bytes that are
 not UTF-8) raises :class:`DataFormatError`, whose message names the file, the row, the field and
@@ -18,14 +27,24 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: stale temporaries are recognised by their age instead of a lock
+    fcntl = None
+
 FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]+")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+# tempfile.mkstemp/mkdtemp names: prefix, 8 characters of tempfile's alphabet, suffix
+_TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.part")
+_STARTED = time.time()
 
 
 class DataFormatError(ValueError):
@@ -50,13 +69,23 @@ class DataFormatError(ValueError):
 
 
 def _show(value: Any, limit: int = 80) -> str:
-    r = repr(value)
+    try:
+        r = repr(value)
+    except ValueError:  # an int beyond Python's int-to-text digit limit
+        r = f"<integer with about {value.bit_length() * 0.30103:.0f} digits>"
     return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def fix_surrogates(value: str) -> str:
+    """Join surrogate pairs into the characters they encode; lone surrogates become U+FFFD."""
+    if not _SURROGATE.search(value):
+        return value
+    return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def sanitize_text(value: str) -> str:
     """Make ``value`` safe for one cell of a tab-separated atomic file (see module docstring)."""
-    value = _SURROGATE.sub("\ufffd", value)
+    value = fix_surrogates(value)
     value = _CONTROL.sub(" ", value).replace('"', "'")
     return value.strip()
 
@@ -93,7 +122,7 @@ def format_cell(value: Any, ftype: str, *, file: Any = None, row: int | None = N
         for p in parts:
             try:
                 x = float(p)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise DataFormatError("not a number", file=file, row=row, field=field, value=p,
                                       hint="fix or remove the value") from None
             if not math.isfinite(x):
@@ -124,23 +153,92 @@ def _umask() -> int:
     return mask
 
 
+def _lock(fd: int, wait: bool = True) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` (kept until it is closed); False if another holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _still_named(fd: int, path: str) -> bool:
+    """Whether ``path`` is still the file or folder open as ``fd`` (not removed by a sweep meanwhile)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> int:
+    """Remove temporaries ``.<name>.XXXXXXXX.part`` (files or folders) that nobody is writing.
+
+    A writer holds a lock on its temporary until it is renamed, so an unlocked one was left by a
+    process that was killed. (Without ``fcntl``: those older than this process.) ``name`` limits the
+    sweep to the temporaries of one target. Returns how many were removed.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        m = _TEMP.fullmatch(entry.name)
+        if not m or (name is not None and m["name"] != name):
+            continue
+        try:  # never follow a link, never wait on a FIFO
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            continue
+        try:
+            if fcntl is None:
+                if os.fstat(fd).st_mtime >= _STARTED:
+                    continue
+            elif not _lock(fd, wait=False) or not _still_named(fd, entry.path):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 @contextmanager
-def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+def atomic_output(path: str | os.PathLike, mode: str = "w", *, sweep: bool = False) -> Iterator[IO]:
     """Open a temporary file next to ``path``; on success it replaces ``path`` in one step.
 
-    On error the temporary file is removed, so ``path`` is never left half-written.
+    On error the temporary file is removed, so ``path`` is never left half-written. The temporary is
+    locked while it is written; ``sweep=True`` first removes the unlocked temporaries that killed
+    processes left in the folder (:func:`remove_stale_temps`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    if sweep:
+        remove_stale_temps(path.parent)
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        _lock(fd)
+        if fcntl is None or _still_named(fd, tmp):
+            break
+        os.close(fd)  # a sweep removed it between its creation and the lock: take another
     try:
         kw = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
         with os.fdopen(fd, mode, **kw) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+            os.chmod(tmp, 0o666 & ~_umask())
+            if fcntl is not None:  # rename while the lock is held (POSIX allows renaming open files)
+                os.replace(tmp, path)
+        if fcntl is None:
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -149,17 +247,86 @@ def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def check_output_folder(out: str | os.PathLike, name: str) -> Path:
+    """``out/name`` after checking that ``name`` is a plain folder name and ``out`` is not a file."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or "") or name == "ml-100k":
+        raise DataFormatError(f"bad dataset name {name!r}", hint="use a plain folder name such as 'beauty' "
+                              "(letters, digits, '.', '_', '-'; 'ml-100k' is RecBole's own)")
+    out = Path(out)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise DataFormatError("--out names a file, not a folder", file=p,
+                                      hint="pass a folder (it is created if missing)")
+            break
+    target = out / name
+    if target.exists() and not target.is_dir():
+        raise DataFormatError("the dataset path exists and is not a folder", file=target,
+                              hint="remove or rename that file, or choose another --name/--out")
+    return target
+
+
+@contextmanager
+def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder's files in a temporary folder beside it; publish them only if all succeed.
+
+    A new ``target`` appears in one rename. If ``target`` exists, the new files are moved into it
+    one by one (files it holds that are not rebuilt, such as downloaded images or captions, stay),
+    ``<name>.meta.json`` last; only a failing rename could leave a mix. On any error the temporary
+    folder is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    made_parent = not target.parent.exists()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target.parent, target.name)
+    while True:
+        tmp = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        fd = os.open(tmp, os.O_RDONLY)
+        _lock(fd)
+        if fcntl is None or _still_named(fd, tmp):
+            break
+        os.close(fd)
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield Path(tmp)
+        if not target.exists():
+            os.rename(tmp, target)
+        else:
+            files = sorted(p for p in Path(tmp).rglob("*") if not p.is_dir())
+            files.sort(key=lambda p: p.name.endswith(".meta.json"))  # stable: meta last
+            for src in files:
+                dst = target / src.relative_to(tmp)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made_parent:
+            try:
+                target.parent.rmdir()
+            except OSError:
+                pass
+        raise
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str | os.PathLike, fields: Sequence[tuple[str, str]], rows: Iterable[Any],
-                 *, required: Sequence[str] = (), source: Any = None) -> int:
+                 *, required: Sequence[str] = (), source: Any = None, ids: Sequence[str] | None = None) -> int:
     """Write a RecBole atomic file; return the number of rows written.
 
     ``fields`` is ``[(name, type), ...]``; each row is a mapping (missing keys are empty cells) or a
     sequence in field order. Fields in ``required`` (e.g. the user and item ids) must be non-empty.
-    Errors name ``source`` (the input the rows came from) when given, else the output file.
+    Fields in ``ids`` (default: the required ``token`` fields) must not merge two different raw
+    values into one token. Errors name ``source`` (the input the rows came from) when given, else
+    the output file.
     """
     names = [n for n, _ in fields]
     types = dict(fields)
     where = source if source is not None else path
+    if ids is None:
+        ids = [k for k in required if types.get(k) == "token"]
+    raw_of = {names.index(k): {} for k in ids}  # column -> {token: first raw value}
     n = 0
     with atomic_output(path) as f:
         f.write(header(fields) + "\n")
@@ -177,6 +344,16 @@ def write_atomic(path: str | os.PathLike, fields: Sequence[tuple[str, str]], row
                     raise DataFormatError("required field is missing or empty", file=where, row=i,
                                           field=k, value=row,
                                           hint="drop this row or fill the field")
+            for j, seen in raw_of.items():
+                if cells[j] == "":
+                    continue
+                raw = values[j].decode("utf-8") if isinstance(values[j], bytes) else str(values[j])
+                first = seen.setdefault(cells[j], raw)
+                if first != raw:
+                    raise DataFormatError(f"two ids, {_show(first)} and {_show(raw)}, both become "
+                                          f"{_show(cells[j])} once sanitised", file=where, field=names[j],
+                                          hint="make them distinct in the input (tabs, newlines and control "
+                                               "characters become spaces, '\"' becomes \"'\")")
             f.write("\t".join(cells) + "\n")
             n += 1
     return n
@@ -187,7 +364,7 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -
     n = 0
     with atomic_output(path) as f:
         for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(fix_surrogates(json.dumps(r, ensure_ascii=False)) + "\n")
             n += 1
     return n
 
@@ -212,8 +389,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write one JSON document atomically."""
     with atomic_output(path) as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
+        f.write(fix_surrogates(json.dumps(obj, ensure_ascii=False, indent=2)) + "\n")
 
 
 def read_header(path: str | os.PathLike) -> list[tuple[str, str]]:

@@ -19,6 +19,10 @@ Every prepared dataset ``<out>/<name>/`` holds
 
 The datasets are already filtered (k-core) here; the yaml files do not filter again, so RecBole
 loads exactly the counts printed by :mod:`recbole_mm.data.stats`.
+
+A dataset is built in a temporary folder and published only when every file is written
+(:func:`recbole_mm.data.atomic.staged_folder`): a failure leaves no new file and an existing
+dataset folder untouched.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from datetime import date
 from pathlib import Path
 from typing import Callable, Iterable
 
-from recbole_mm.data.atomic import DataFormatError, read_jsonl, write_atomic, write_json, write_jsonl
+from recbole_mm.data.atomic import (DataFormatError, check_output_folder, read_jsonl, staged_folder, write_atomic,
+                                    write_json, write_jsonl)
 from recbole_mm.data.amazon import kcore_filter
 
 DEFAULT_SHARED = "../shared/data"
@@ -63,16 +68,17 @@ def _place_image(src: Path, dst: Path) -> None:
 
 def _write(folder: Path, name: str, inter_fields, inter_rows, item_fields, item_rows,
            side: list[dict], meta: dict, extra: Callable[[Path], None] | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    n_inter = write_atomic(folder / f"{name}.inter", inter_fields, inter_rows,
-                           required=["user_id", "item_id", "timestamp"])
-    write_atomic(folder / f"{name}.item", item_fields, item_rows, required=["item_id"])
-    write_jsonl(folder / f"{name}.items.jsonl", side)
-    if extra is not None:
-        extra(folder)
-    meta = dict(meta, name=name, n_interactions=n_inter, n_items_described=len(side),
-                n_images=sum(1 for r in side if "image" in r))
-    write_json(folder / f"{name}.meta.json", meta)
+    """Write every file into a temporary folder, then publish it as ``folder`` (all or nothing)."""
+    with staged_folder(folder) as tmp:
+        n_inter = write_atomic(tmp / f"{name}.inter", inter_fields, inter_rows,
+                               required=["user_id", "item_id", "timestamp"])
+        write_atomic(tmp / f"{name}.item", item_fields, item_rows, required=["item_id"])
+        write_jsonl(tmp / f"{name}.items.jsonl", side)
+        if extra is not None:
+            extra(tmp)
+        meta = dict(meta, name=name, n_interactions=n_inter, n_items_described=len(side),
+                    n_images=sum(1 for r in side if "image" in r))
+        write_json(tmp / f"{name}.meta.json", meta)
     return folder
 
 
@@ -371,4 +377,5 @@ def prepare(which: str, shared: str | os.PathLike = DEFAULT_SHARED, out: str | o
     if not Path(shared).is_dir():
         raise DataFormatError("shared data folder not found", file=shared,
                               hint="pass --shared pointing at the shared/data folder")
+    check_output_folder(out, which)
     return PREPARERS[which](shared, out)

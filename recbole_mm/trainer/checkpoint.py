@@ -33,8 +33,11 @@ def plain_config(config, external_only: bool = False) -> dict:
 
 
 def atomic_save(obj, path: str) -> None:
-    """``torch.save`` through a temporary file in the same folder, then rename over ``path``."""
-    with atomic_output(path, "wb") as f:
+    """``torch.save`` through a temporary file in the same folder, then rename over ``path``.
+
+    Temporaries that killed saves left in that folder (unlocked ``.*.part`` files) are removed first.
+    """
+    with atomic_output(path, "wb", sweep=True) as f:
         torch.save(obj, f)
 
 
