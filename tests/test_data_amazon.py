@@ -107,7 +107,7 @@ def test_meta_is_parsed_as_literal_never_evaluated(tmp_path):
 
 @pytest.mark.parametrize("line, expected", [
     (b'{"reviewerID": "u1", "unixReviewTime": 5}', r"row 1, field 'asin': missing field"),
-    (b'{"reviewerID": "u1", "asin": "i", "unixReviewTime": "soon"}', r"field 'unixReviewTime': not an integer"),
+    (b'{"reviewerID": "u1", "asin": "i", "unixReviewTime": "soon"}', r"field 'unixReviewTime': not a Unix time"),
     (b'{"reviewerID": "u1", "asin": "caf\xe9", "unixReviewTime": 5}', r"row 1: bytes that are not UTF-8.*iconv"),
     (b'{"reviewerID": "u1", ', r"row 1: not valid JSON"),
 ])
@@ -140,3 +140,175 @@ def test_cli_truncated_gzip_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "meta_T.json.gz: cannot read file" in err and "re-download" in err
+
+
+def cli_error(capsys, tmp_path, reviews, meta, out=None, name="x"):
+    out = out or tmp_path / "out"
+    code = main(["convert-amazon", "--reviews", str(reviews), "--meta", str(meta), "--name", name, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    err = captured.err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+GRID = [review(u, i, t) for u, i, t in grid_reviews()]
+BIG = "1" * 5000
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"reviewerID": "u", "asin": "i", "unixReviewTime": Infinity}',
+     "row 31, field 'unixReviewTime': not a Unix time (whole seconds since 1970, within +-2**53) (value: inf)"),
+    ('{"reviewerID": "u", "asin": "i", "unixReviewTime": -Infinity}', "field 'unixReviewTime': not a Unix time"),
+    ('{"reviewerID": "u", "asin": "i", "unixReviewTime": 1e400}', "row 31, field 'unixReviewTime': not a Unix time"),
+    ('{"reviewerID": "u", "asin": "i", "unixReviewTime": 1e300}', "row 31, field 'unixReviewTime': not a Unix time"),
+    ('{"reviewerID": "u", "asin": "i", "unixReviewTime": %s}' % BIG,
+     "row 31, field 'unixReviewTime': an integer with 5000 digits: more than the 4300 Python converts from text "
+     "(value: '111111111111...'); fix or remove the value"),
+    ('{"reviewerID": "u", "asin": "i", "unixReviewTime": 5, "x": %s}' % DEEP,
+     "row 31: nested too deeply for Python's json/ast parsers (their recursion limit)"),
+    ('{"reviewerID": "u", "asin": "i", "unixReviewTime": 5, "overall": NaN}',
+     "row 31, field 'overall': not a finite number (value: nan); fix the value or remove the row"),
+    ('{"reviewerID": "u", "asin": "i", "unixReviewTime": 5, "overall": Infinity}',
+     "row 31, field 'overall': not a finite number (value: inf)"),
+    ('{"reviewerID": ["u"], "asin": "i", "unixReviewTime": 5}', "field 'reviewerID': not a string id"),
+])
+def test_cli_bad_review_values(tmp_path, capsys, line, expected):
+    reviews = write_gz(tmp_path / "reviews_X_5.json.gz", GRID + [line])
+    meta = write_gz(tmp_path / "meta_X.json.gz", [meta_line("i0")])
+    err = cli_error(capsys, tmp_path, reviews, meta)
+    assert "reviews_X_5.json.gz, " in err and expected in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("row, expected", [
+    ("u,i,5,inf", "row 1, field 'timestamp': not a Unix time (whole seconds since 1970, within +-2**53) (value: 'inf')"),
+    ("u,i,5,Infinity", "row 1, field 'timestamp': not a Unix time"),
+    ("u,i,5,1e400", "row 1, field 'timestamp': not a Unix time"),
+    (f"u,i,5,{BIG}", "row 1, field 'timestamp': not a Unix time"),
+    ("u,i,nan,5", "row 1, field 'rating': not a finite number (value: 'nan'); fix the value or remove the row"),
+    ("u,i,inf,5", "row 1, field 'rating': not a finite number (value: 'inf'); fix the value or remove the row"),
+    (f"u,i,{BIG},5", "row 1, field 'rating': not a finite number"),
+])
+def test_cli_bad_ratings_csv_values(tmp_path, capsys, row, expected):
+    reviews = tmp_path / "ratings_X.csv"
+    reviews.write_text(row + "\n")
+    meta = write_gz(tmp_path / "meta_X.json.gz", [meta_line("i0")])
+    assert expected in cli_error(capsys, tmp_path, reviews, meta)
+
+
+@pytest.mark.parametrize("line, expected", [
+    (meta_line("i0", categories=5), "row 1, field 'categories': expected a list of category paths (value: 5); "
+                                    "write categories as [['Beauty', 'Makeup'], ...] or remove them"),
+    (meta_line("i0", categories=[["Beauty", {"x": 1}]]), "row 1, field 'categories': expected a list"),
+    ("{'asin': 'i0', 'price': %s}" % BIG, "row 1, field 'price': an integer with 5000 digits: more than the 4300"),
+    ("{'asin': 'i0', 'price': 1%s}" % ("0" * 400), "row 1, field 'price': not a number"),
+    (meta_line("i0", price=float("nan")).replace("nan", "float('nan')"), "row 1: not a Python dict literal"),
+    ('{"asin": "i0", "price": NaN}', "row 1, field 'price': not a finite number (value: nan); fix the value or "
+                                     "remove the price"),
+    ("{'asin': 'i0', 'related': %s}" % DEEP, "row 1: nested too deeply for Python's json/ast parsers"),
+])
+def test_cli_bad_meta_values(tmp_path, capsys, line, expected):
+    reviews = write_gz(tmp_path / "reviews_X_5.json.gz", GRID)
+    meta = write_gz(tmp_path / "meta_X.json.gz", [line])
+    err = cli_error(capsys, tmp_path, reviews, meta)
+    assert "meta_X.json.gz, " in err and expected in err
+
+
+def test_cli_out_naming_a_file(tmp_path, capsys):
+    reviews = write_gz(tmp_path / "reviews_X_5.json.gz", GRID)
+    meta = write_gz(tmp_path / "meta_X.json.gz", [meta_line("i0")])
+    (tmp_path / "afile").write_text("keep me")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "below"):
+        assert cli_error(capsys, tmp_path, reviews, meta, out=out) == (
+            f"error: {tmp_path / 'afile'}: --out names a file, not a folder; pass a folder (it is created if missing)\n")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("a file where the dataset folder goes")
+    assert "d/x: the dataset path exists and is not a folder" in cli_error(capsys, tmp_path, reviews, meta,
+                                                                         out=tmp_path / "d")
+    assert "bad dataset name 'a/b'" in cli_error(capsys, tmp_path, reviews, meta, name="a/b")
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_ids_that_sanitise_alike_are_refused(tmp_path, capsys):
+    rows = [review(u, f"i{k}", k) for u in ("A\tB", "A B", "u1", "u2", "u3") for k in range(5)]
+    reviews = write_gz(tmp_path / "reviews_X_5.json.gz", rows)
+    meta = write_gz(tmp_path / "meta_X.json.gz", [meta_line("i0")])
+    err = cli_error(capsys, tmp_path, reviews, meta)
+    assert "reviews_X_5.json.gz, field 'user_id': two ids, 'A\\tB' and 'A B', both become 'A B'" in err
+    rows = [review(f"u{u}", i, k) for u in range(5) for k, i in enumerate(["x\ny", "x y", "i2", "i3", "i4"])]
+    reviews = write_gz(tmp_path / "reviews_X_5.json.gz", rows)
+    assert "field 'item_id': two ids, 'x\\ny' and 'x y'" in cli_error(capsys, tmp_path, reviews, meta)
+    assert not (tmp_path / "out").exists()
+    # ids that differ only in outer spaces were merged by an earlier strip(): refused as well
+    rows = [review(u, f"i{k}", k) for u in ("A", " A", "u1", "u2", "u3") for k in range(5)]
+    reviews = write_gz(tmp_path / "reviews_X_5.json.gz", rows)
+    assert "two ids, ' A' and 'A'" in cli_error(capsys, tmp_path, reviews, meta)
+
+
+def test_side_file_uses_the_token_recbole_reads(tmp_path):
+    rows = [review(f"u{u}", i, k) for u in range(5) for k, i in enumerate(['a"b', "i1", "i2", "i3", "i4"])]
+    reviews = write_gz(tmp_path / "reviews_X_5.json.gz", rows)
+    meta = write_gz(tmp_path / "meta_X.json.gz", [meta_line('a"b', title="quoted")])
+    folder = convert_amazon(reviews, meta, "q", tmp_path / "out")
+    side = {r["item_id"]: r for r in read_jsonl(folder / "q.items.jsonl")}
+    assert side["a'b"] == {"item_id": "a'b", "raw_item_id": 'a"b', "title": "quoted"}
+    inter = pd.read_csv(folder / "q.inter", sep="\t", dtype=str, engine="python")
+    assert "a'b" in set(inter["item_id:token"])
+
+
+def test_exact_duplicates_are_dropped_and_counted(tmp_path, capsys):
+    reviews = write_gz(tmp_path / "reviews_X_5.json.gz", GRID + GRID[:5] + GRID[:1])
+    # same user and item at another time, or with another rating: a real repeat, kept
+    again = [review("u0", "i0", 5000), review("u0", "i0", 1000, rating=1.0)]
+    reviews = write_gz(tmp_path / "reviews_X_5.json.gz", GRID + GRID[:5] + GRID[:1] + again)
+    meta = write_gz(tmp_path / "meta_X.json.gz", [meta_line("i0")])
+    out = tmp_path / "out"
+    assert main(["convert-amazon", "--reviews", str(reviews), "--meta", str(meta), "--name", "d",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "dropped 6 exact duplicate rows (same user, item, rating and time)" in printed
+    assert "| d | 5 | 5 | 0 | 27 | 108.0000% |" in printed  # 25 + 2 genuine repeats
+    meta_json = json.loads((out / "d" / "d.meta.json").read_text())
+    assert meta_json["duplicates_dropped"] == 6 and meta_json["n_interactions"] == 27
+
+
+def test_lone_surrogate_title_is_written_whole(tmp_path):
+    reviews = write_gz(tmp_path / "reviews_X_5.json.gz", GRID)
+    # Python 2 wrote astral characters as surrogate pairs in its literals; a lone one is invalid
+    meta = write_gz(tmp_path / "meta_X.json.gz", [r"{'asin': 'i0', 'title': u'lone \ud800 and pair \ud83d\ude00'}",
+                                                  r"{'asin': 'i1', 'brand': '\udcff', 'categories': [['\ud800']]}"])
+    folder = convert_amazon(reviews, meta, "s", tmp_path / "out")
+    side = {r["item_id"]: r for r in read_jsonl(folder / "s.items.jsonl")}
+    assert side["i0"]["title"] == "lone \ufffd and pair \U0001F600"
+    assert side["i1"] == {"item_id": "i1", "brand": "\ufffd", "categories": "\ufffd"}
+    item = pd.read_csv(folder / "s.item", sep="\t", dtype=str, engine="python", index_col=0)
+    assert item.loc["i0", "title:token_seq"] == "lone \ufffd and pair \U0001F600"
+    assert sorted(p.name for p in folder.iterdir()) == ["s.inter", "s.item", "s.items.jsonl", "s.meta.json"]
+
+
+def test_failed_conversion_writes_nothing(tmp_path, monkeypatch):
+    import recbole_mm.data.amazon as amazon
+
+    reviews = write_gz(tmp_path / "reviews_X_5.json.gz", GRID)
+    meta = write_gz(tmp_path / "meta_X.json.gz", [meta_line("i0", title="t")])
+    calls = []
+
+    def side_file_fails(path, records):
+        calls.append(path)
+        raise DataFormatError("cannot write", file=path)
+
+    monkeypatch.setattr(amazon, "write_jsonl", side_file_fails)
+    with pytest.raises(DataFormatError):
+        convert_amazon(reviews, meta, "w", tmp_path / "out")
+    assert calls and not (tmp_path / "out").exists()  # no .inter/.item without their side file
+    monkeypatch.undo()
+    folder = convert_amazon(reviews, meta, "w", tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    monkeypatch.setattr(amazon, "write_jsonl", side_file_fails)
+    reviews2 = write_gz(tmp_path / "reviews_Y_5.json.gz", GRID[:20] + [review("u9", "i0", 1)])
+    with pytest.raises(DataFormatError):
+        convert_amazon(reviews2, meta, "w", tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["w"]

@@ -7,6 +7,7 @@ line ``error: ...`` naming the file/field/value and what to do, and exits with c
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from recbole_mm.data.atomic import DataFormatError
@@ -34,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("download-images", help="download the imUrl images of a dataset into its images/")
     d.add_argument("--dataset", required=True, help="dataset folder, e.g. dataset/beauty")
     d.add_argument("--workers", type=int, default=8)
-    d.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    d.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds per attempt, in total (connect, headers and body)")
     d.add_argument("--retries", type=int, default=3)
     d.add_argument("--backoff", type=float, default=1.0, help="first back-off in seconds (doubles)")
 
@@ -59,6 +61,9 @@ def _run(args: argparse.Namespace) -> int:
 
         folder = convert_amazon(args.reviews, args.meta, args.name, args.out, args.user_k, args.item_k)
         print(f"wrote {folder}")
+        dropped = json.loads((folder / f"{args.name}.meta.json").read_text(encoding="utf-8"))["duplicates_dropped"]
+        if dropped:
+            print(f"dropped {dropped:,} exact duplicate rows (same user, item, rating and time)")
         print(format_stats([dataset_stats(folder)]))
     elif args.cmd == "download-images":
         from recbole_mm.data.images import download_images
@@ -85,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataFormatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: keep the traceback
+            raise
         print(f"error: {e.filename}: {e.strerror}; check the path", file=sys.stderr)
         return 2
 
