@@ -116,11 +116,13 @@ def test_download_failures_report_and_resume(tmp_path, server):
     assert server.hits["/flaky.png"] == 3  # two 503s, then success
 
     images = folder / "images"
-    assert sorted(p.name for p in images.iterdir()) == ["A.png", "B_.._x.jpg", "F.png"]  # no temp files
+    b_file = image_file_name("B/../x", "x.jpg")
+    assert b_file.startswith("B_.._x@") and b_file.endswith(".jpg")
+    assert sorted(p.name for p in images.iterdir()) == sorted(["A.png", b_file, "F.png"])  # no temp files
     with Image.open(images / "A.png") as im:
         assert im.size == (24, 16) and im.getpixel((0, 0)) == (255, 0, 0)
     side = {r["item_id"]: r for r in read_jsonl(folder / "shop.items.jsonl")}
-    assert side["A"]["image"] == "images/A.png" and side["B/../x"]["image"] == "images/B_.._x.jpg"
+    assert side["A"]["image"] == "images/A.png" and side["B/../x"]["image"] == f"images/{b_file}"
     assert "image" not in side["C"] and side["H"] == {"item_id": "H", "title": "no url"}
     saved = json.loads((folder / "shop.images_report.json").read_text())
     assert saved["failed"] == 4 and {f["item_id"] for f in saved["failures"]} == {"C", "D", "E", "G"}
@@ -165,9 +167,17 @@ def test_cli_download(tmp_path, server, capsys):
     assert "nothing.items.jsonl: side file not found" in capsys.readouterr().err
 
 
-def test_file_names():
+def test_file_names_are_injective():
     assert image_file_name("B00X", "http://h/p/img.JPEG?x=1") == "B00X.jpeg"
-    assert image_file_name("../etc", "http://h/p/noext") == "_etc.jpg"
+    etc = image_file_name("../etc", "http://h/p/noext")
+    assert etc.startswith("_etc@") and etc.endswith(".jpg") and "/" not in etc
+    # ids that sanitise alike get different files; unchanged ids keep their plain name
+    names = {t: image_file_name(t, "http://h/x.png") for t in ["A:1", "A_1", "A 1", "A/1", ".A_1", "A_1@x"]}
+    assert names["A_1"] == "A_1.png"
+    assert len(set(names.values())) == len(names)
+    assert all(n.startswith("A_1@") for t, n in names.items() if t not in ("A_1", "A_1@x"))
+    long = image_file_name("x" * 5000, "http://h/x.png")
+    assert len(long) < 150 and long != image_file_name("x" * 4999, "http://h/x.png")
 
 
 def test_convert_download_then_item_store_serves_images(tmp_path, server, capsys):
@@ -193,3 +203,114 @@ def test_convert_download_then_item_store_serves_images(tmp_path, server, capsys
     store = ItemStore(out / "toy", ["[PAD]", "A", "B", "C"])
     assert store.image(1).getpixel((5, 5)) == (255, 0, 0) and store.image(2) is None
     assert store.get(2, "title") == "Gone" and store.get(1, "imUrl").endswith("/a.png")
+
+
+def test_items_whose_ids_sanitise_alike_keep_their_own_pictures(tmp_path, server):
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    server.routes["/green.png"] = png("green")
+    write_jsonl(folder / "shop.items.jsonl", [{"item_id": "A:1", "imUrl": f"{server.url}/a.png"},
+                                              {"item_id": "A_1", "imUrl": f"{server.url}/green.png"}])
+    report = download_images(folder, workers=2, timeout=2, retries=0)
+    assert report.downloaded == 2 and not report.failures
+    side = {r["item_id"]: r["image"] for r in read_jsonl(folder / "shop.items.jsonl")}
+    assert side["A_1"] == "images/A_1.png" and side["A:1"] != side["A_1"]
+    with Image.open(folder / side["A:1"]) as a, Image.open(folder / side["A_1"]) as b:
+        assert a.getpixel((0, 0)) == (255, 0, 0) and b.getpixel((0, 0)) == (0, 128, 0)
+
+
+def test_image_on_disk_is_decoded_before_it_is_trusted(tmp_path, server):
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    write_jsonl(folder / "shop.items.jsonl", [{"item_id": "A", "imUrl": f"{server.url}/a.png"},
+                                              {"item_id": "B", "imUrl": f"{server.url}/missing.png"}])
+    (folder / "images").mkdir()
+    (folder / "images" / "A.png").write_bytes(png("red")[:30])  # truncated: a killed copy, a bad disk
+    (folder / "images" / "B.png").write_bytes(b"not an image")
+    # temporaries of a killed run: removed; other files stay
+    (folder / "images" / ".A.png.k1ll3d_x.part").write_bytes(b"")
+    (folder / "images" / "notes.part").write_bytes(b"mine")
+    report = download_images(folder, workers=2, timeout=2, retries=0)
+    assert (report.downloaded, report.skipped, report.corrupt_on_disk) == (1, 0, 2)
+    assert server.hits["/a.png"] == 1
+    with Image.open(folder / "images" / "A.png") as im:
+        assert im.getpixel((0, 0)) == (255, 0, 0)
+    # B's corrupt file is gone (its download failed) and B has no image
+    assert sorted(p.name for p in (folder / "images").iterdir()) == ["A.png", "notes.part"]
+    assert "image" not in {r["item_id"]: r for r in read_jsonl(folder / "shop.items.jsonl")}["B"]
+    assert "2 files on disk did not decode" in report.summary()
+    # a good file is now trusted: not fetched again
+    assert download_images(folder, workers=1, timeout=2, retries=0).skipped == 1
+    assert server.hits["/a.png"] == 1
+
+
+class Trickle:
+    """A raw HTTP server that sends its answer one byte every ``gap`` seconds (at most ``limit`` bytes)."""
+
+    def __init__(self, gap=0.1, limit=100, headers_slow=False):
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/x.png"
+        body = png("red")
+        head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        self.payload = head + body if headers_slow else None
+        self.head, self.body, self.gap, self.limit = head, body, gap, limit
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            try:
+                conn.recv(65536)
+                data = self.payload if self.payload is not None else self.body
+                if self.payload is None:
+                    conn.sendall(self.head)
+                for k in range(min(self.limit, len(data))):
+                    conn.sendall(data[k:k + 1])
+                    time.sleep(self.gap)
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
+        self.thread.join(timeout=15)
+
+
+@pytest.mark.parametrize("headers_slow", [False, True])
+def test_a_trickling_server_hits_the_total_deadline(tmp_path, headers_slow):
+    # every byte comes well within the per-socket timeout, so only a total deadline stops it
+    server = Trickle(gap=0.1, limit=100, headers_slow=headers_slow)
+    try:
+        start = time.monotonic()
+        ok, err, attempts = download_one(server.url, tmp_path / "x.png", timeout=0.8, retries=0)
+        took = time.monotonic() - start
+    finally:
+        server.close()
+    assert not ok and "timed out after 0.8 s" in err and attempts == 1
+    assert took < 3, took  # without the deadline: 100 bytes x 0.1 s = 10 s
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_connection_closed_early_is_a_retryable_error(tmp_path):
+    import socket
+
+    sock = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        for _ in range(2):
+            conn, _ = sock.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\nshort")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        ok, err, attempts = download_one(f"http://127.0.0.1:{sock.getsockname()[1]}/x.png", tmp_path / "x.png",
+                                         timeout=2, retries=1, backoff=0.01)
+    finally:
+        t.join(timeout=5)
+        sock.close()
+    assert not ok and attempts == 2 and err == "connection error: closed after 5 of 1000 bytes"
