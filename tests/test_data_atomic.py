@@ -85,3 +85,14 @@ def test_jsonl_keeps_exact_text_and_reports_bad_lines(tmp_path):
     (tmp_path / "latin.jsonl").write_bytes(json.dumps({"t": "x"}).encode() + b"\n" + b'{"t": "caf\xe9"}\n')
     with pytest.raises(DataFormatError, match=r"latin.jsonl, row 2: bytes that are not UTF-8"):
         list(read_jsonl(tmp_path / "latin.jsonl"))
+
+
+def test_jsonl_too_deep_or_too_long_numbers_are_clear_errors(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"item_id": "a"}\n{"item_id": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataFormatError, match=r"s.jsonl, row 2: nested too deeply for Python's json/ast parsers"):
+        list(read_jsonl(path))
+    path.write_text('{"item_id": "b", "n": ' + "7" * 5000 + "}\n")
+    with pytest.raises(DataFormatError, match=r"s.jsonl, row 1, field 'n': an integer with 5000 digits: more than "
+                                              r"the 4300 Python converts from text \(value: '777777777777...'\)"):
+        list(read_jsonl(path))

@@ -109,13 +109,16 @@ def fake_beauty(shared, users, items_jsonl):
 def test_prepare_writes_a_lone_surrogate_title_whole(tmp_path, capsys):
     items = "".join(json.dumps({"asin": f"i{k}", "title": t}) + "\n"
                     for k, t in enumerate(["ok", "lone \ud800 surrogate", "pair \ud83d\ude00"]))
+    items += json.dumps({"asin": 'i"3', "title": "quoted id"}) + "\n"
     shared = fake_beauty(tmp_path / "shared", ["u1", "u2"], items)
     assert main(["prepare", "beauty", "--shared", str(shared), "--out", str(tmp_path / "out")]) == 0
     folder = tmp_path / "out" / "beauty"
     assert sorted(p.name for p in folder.iterdir()) == ["beauty.inter", "beauty.item", "beauty.items.jsonl",
                                                          "beauty.meta.json"]
-    titles = [r["title"] for r in read_jsonl(folder / "beauty.items.jsonl")]
-    assert titles == ["ok", "lone \ufffd surrogate", "pair \U0001F600"]
+    side = list(read_jsonl(folder / "beauty.items.jsonl"))
+    assert [r["title"] for r in side] == ["ok", "lone \ufffd surrogate", "pair \U0001F600", "quoted id"]
+    # the side file is keyed by the token RecBole reads (the raw id is kept beside it)
+    assert (side[3]["item_id"], side[3]["raw_item_id"]) == ("i'3", 'i"3')
     assert "pair \U0001F600" in (folder / "beauty.item").read_text(encoding="utf-8")
 
 

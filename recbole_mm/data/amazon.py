@@ -31,17 +31,14 @@ import json
 import math
 import os
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from recbole_mm.data.atomic import (DataFormatError, check_output_folder, decode_utf8, fix_surrogates,
-                                    sanitize_text, staged_folder, write_atomic, write_json, write_jsonl)
+                                    sanitize_text, staged_folder, unparsable_line, write_atomic, write_json,
+                                    write_jsonl)
 
-# Python refuses to turn longer digit strings into an int (CVE-2020-10735), in json and ast alike
-_INT_DIGITS = getattr(sys, "get_int_max_str_digits", lambda: 4300)() or 4300
-_LONG_INT = re.compile(r"""["']?([A-Za-z_]\w*)["']?\s*:\s*[-+]?(\d{%d,})""" % (_INT_DIGITS + 1))
 _WHOLE = re.compile(r"[-+]?\d{1,18}")
 _MAX_TIME = 2 ** 53  # whole seconds exact in a float64
 
@@ -60,23 +57,6 @@ def kcore_filter(pairs: Sequence[tuple[object, object]], user_k: int = 5, item_k
                 changed = True
         if not changed:
             return keep
-
-
-def _unparsable(err: BaseException, line: str, file: Path, row: int, what: str, hint: str) -> DataFormatError:
-    """A :class:`DataFormatError` for a line that Python's ``json``/``ast`` parsers refused."""
-    text = str(err)
-    if isinstance(err, (RecursionError, MemoryError)) or "too many nested" in text:
-        return DataFormatError("nested too deeply for Python's json/ast parsers (their recursion limit)",
-                               file=file, row=row, value=line, hint=hint)
-    if "integer string conversion" in text:
-        m = _LONG_INT.search(line)
-        digits = m[2] if m else ""
-        return DataFormatError(f"an integer with {len(digits) or 'too many'} digits: more than the "
-                               f"{_INT_DIGITS} Python converts from text", file=file, row=row,
-                               field=m[1] if m else None, value=(digits[:12] + "...") if digits else line,
-                               hint="fix or remove the value")
-    detail = getattr(err, "msg", None) or "only literals are allowed, no names or calls"
-    return DataFormatError(f"not {what} ({detail})", file=file, row=row, value=line, hint=hint)
 
 
 def _unix_time(value: Any, *, file: Path, row: int, field: str) -> int:
@@ -150,7 +130,7 @@ def read_reviews(path: str | os.PathLike) -> list[tuple[str, str, float | None, 
             try:
                 rec = json.loads(line)
             except (ValueError, RecursionError, MemoryError) as e:
-                raise _unparsable(e, line, path, i, "valid JSON", "each line must be one JSON review") from None
+                raise unparsable_line(e, line, path, i, "valid JSON", "each line must be one JSON review") from None
             if not isinstance(rec, dict):
                 raise DataFormatError("not a JSON object", file=path, row=i, value=line)
             for key in ("reviewerID", "asin", "unixReviewTime"):
@@ -202,7 +182,7 @@ def read_meta(path: str | os.PathLike, wanted: set[str] | None = None) -> dict[s
             try:
                 rec = json.loads(line)
             except (ValueError, RecursionError, MemoryError):
-                raise _unparsable(e, line, path, i, "a Python dict literal or JSON object",
+                raise unparsable_line(e, line, path, i, "a Python dict literal or JSON object",
                                  "each line must hold one product") from None
         if not isinstance(rec, dict):
             raise DataFormatError("not a dict", file=path, row=i, value=line)

@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -45,6 +46,9 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 # tempfile.mkstemp/mkdtemp names: prefix, 8 characters of tempfile's alphabet, suffix
 _TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.part")
 _STARTED = time.time()
+# Python refuses to turn longer digit strings into an int (CVE-2020-10735), in json and ast alike
+_INT_DIGITS = getattr(sys, "get_int_max_str_digits", lambda: 4300)() or 4300
+_LONG_INT = re.compile(r"""["']?([A-Za-z_]\w*)["']?\s*:\s*[-+]?(\d{%d,})""" % (_INT_DIGITS + 1))
 
 
 class DataFormatError(ValueError):
@@ -369,6 +373,23 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -
     return n
 
 
+def unparsable_line(err: BaseException, line: str, file: Any, row: int, what: str, hint: str) -> DataFormatError:
+    """A :class:`DataFormatError` for a line that Python's ``json``/``ast`` parsers refused."""
+    text = str(err)
+    if isinstance(err, (RecursionError, MemoryError)) or "too many nested" in text:
+        return DataFormatError("nested too deeply for Python's json/ast parsers (their recursion limit)",
+                               file=file, row=row, value=line, hint=hint)
+    if "integer string conversion" in text:
+        m = _LONG_INT.search(line)
+        digits = m[2] if m else ""
+        return DataFormatError(f"an integer with {len(digits) or 'too many'} digits: more than the "
+                               f"{_INT_DIGITS} Python converts from text", file=file, row=row,
+                               field=m[1] if m else None, value=(digits[:12] + "...") if digits else line,
+                               hint="fix or remove the value")
+    detail = getattr(err, "msg", None) or "only literals are allowed, no names or calls"
+    return DataFormatError(f"not {what} ({detail})", file=file, row=row, value=line, hint=hint)
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     """Read a JSON-lines file; a bad line raises :class:`DataFormatError` naming file and line."""
     with open(path, "rb") as f:
@@ -378,9 +399,8 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
                 continue
             try:
                 rec = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"not valid JSON ({e.msg})", file=path, row=i, value=text,
-                                      hint="each line must be one JSON object") from None
+            except (ValueError, RecursionError, MemoryError) as e:
+                raise unparsable_line(e, text, path, i, "valid JSON", "each line must be one JSON object") from None
             if not isinstance(rec, dict):
                 raise DataFormatError("not a JSON object", file=path, row=i, value=text)
             yield rec

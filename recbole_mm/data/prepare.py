@@ -35,8 +35,8 @@ from datetime import date
 from pathlib import Path
 from typing import Callable, Iterable
 
-from recbole_mm.data.atomic import (DataFormatError, check_output_folder, read_jsonl, staged_folder, write_atomic,
-                                    write_json, write_jsonl)
+from recbole_mm.data.atomic import (DataFormatError, check_output_folder, read_jsonl, sanitize_text, staged_folder,
+                                    write_atomic, write_json, write_jsonl)
 from recbole_mm.data.amazon import kcore_filter
 
 DEFAULT_SHARED = "../shared/data"
@@ -69,6 +69,10 @@ def _place_image(src: Path, dst: Path) -> None:
 def _write(folder: Path, name: str, inter_fields, inter_rows, item_fields, item_rows,
            side: list[dict], meta: dict, extra: Callable[[Path], None] | None = None) -> Path:
     """Write every file into a temporary folder, then publish it as ``folder`` (all or nothing)."""
+    for rec in side:  # the side file is keyed by the token RecBole reads
+        token = sanitize_text(str(rec["item_id"]))
+        if token != rec["item_id"]:
+            rec["raw_item_id"], rec["item_id"] = rec["item_id"], token
     with staged_folder(folder) as tmp:
         n_inter = write_atomic(tmp / f"{name}.inter", inter_fields, inter_rows,
                                required=["user_id", "item_id", "timestamp"])
