@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from recbole_mm.errors import UserError
+
 METRICS = ["ndcg@5", "ndcg@10", "recall@5", "recall@10", "mrr@5", "mrr@10"]
 
 # Published test numbers (full ranking, no history masking) to print beside ours.
@@ -34,7 +36,7 @@ def _parse_model_args(text: str) -> dict[str, list[str]]:
     for item in shlex.split(text or ""):
         model, _, kv = item.partition(":")
         if not kv or "=" not in kv:
-            raise SystemExit(f"--model_args item {item!r} must look like Model:key=value")
+            raise UserError(f"--model_args item {item!r} must look like Model:key=value")
         out.setdefault(model, []).append(f"--{kv}")
     return out
 
@@ -122,7 +124,11 @@ def main(argv=None) -> int:
     parser.add_argument("--model_args", default="", help='e.g. "SASRec:epochs=3 BERT4Rec:epochs=3"')
     parser.add_argument("--rerun", action="store_true")
     args, common = parser.parse_known_args(argv)
-    per_model = _parse_model_args(args.model_args)
+    try:
+        per_model = _parse_model_args(args.model_args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     run_dir = os.path.abspath(args.out + "_runs")
     results = []
     for model in [m for m in args.models.split(",") if m]:

@@ -28,13 +28,11 @@ def main(argv=None) -> int:
     if bad:
         print(f"error: unrecognised arguments {bad}: overrides must look like --key=value", file=sys.stderr)
         return 2
-    from recbole_mm.quick_start import run_recbole_mm
+    from recbole_mm.errors import UserError
 
-    config_files = args.config_files.split() if args.config_files else None
     try:
-        result = run_recbole_mm(model=args.model, dataset=args.dataset, config_file_list=config_files,
-                                argv=rest, resume=args.resume)
-    except (ValueError, OSError, KeyError, ImportError) as err:  # OSError: files, unreachable model hub
+        result = _run(args, rest)
+    except UserError as err:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.result_file:
@@ -43,6 +41,23 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=2, default=str)
         os.replace(tmp, args.result_file)
     return 0
+
+
+def _run(args, rest) -> dict:
+    from recbole_mm.errors import UserError
+    from recbole_mm.quick_start import run_recbole_mm
+
+    if args.result_file:  # checked now, not after hours of training
+        folder = os.path.dirname(os.path.abspath(args.result_file))
+        if not os.path.isdir(folder):
+            raise UserError(f"--result_file={args.result_file}: folder {folder} does not exist; create it first")
+        if os.path.isdir(args.result_file):
+            raise UserError(f"--result_file={args.result_file} is a folder; name a file (e.g. result.json)")
+        if not os.access(folder, os.W_OK):
+            raise UserError(f"--result_file={args.result_file}: folder {folder} is not writable")
+    config_files = args.config_files.split() if args.config_files else None
+    return run_recbole_mm(model=args.model, dataset=args.dataset, config_file_list=config_files,
+                          argv=rest, resume=args.resume)
 
 
 if __name__ == "__main__":

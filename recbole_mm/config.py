@@ -2,11 +2,91 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 from importlib import resources
 
+import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
+
+from recbole_mm.errors import ConfigError
+
+
+class _SafeYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no Python objects) with RecBole's float resolver (``1e-3`` is a float)."""
+
+
+_SafeYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_value(text: str):
+    """A setting's value from its text, without running code: a Python literal (``5``, ``1e-3``,
+    ``[5, 10]``, ``{'inter': [...]}``, ``None``, ``True``), ``true``/``false``, else the text itself.
+
+    RecBole ``eval()``s these strings; here ``__import__('os').system(...)`` stays a string.
+    """
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return {"true": True, "false": False}.get(text.strip().lower(), text)
+    return value if isinstance(value, (str, int, float, list, tuple, dict, bool)) or value is None else text
+
+
+def load_yaml_file(path: str) -> dict:
+    """A yaml config file as a dict (safe loading); malformed yaml is a one-line error with file and line."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = yaml.load(text, Loader=_SafeYamlLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: malformed yaml ({e.problem or e.context}); "
+                          f"fix the file (settings are `key: value` lines)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: malformed yaml ({e}); fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected `key: value` settings, got a yaml "
+                          f"{type(data).__name__}; fix the file")
+    return data
+
+
+def _type_name(t: type) -> str:
+    return {int: "an integer", float: "a number", bool: "True or False"}[t]
+
+
+def check_setting_type(key: str, value, default, source: str) -> None:
+    """Refuse a user value whose type cannot be what a numeric / boolean setting needs.
+
+    Only settings whose default is an int, float or bool are checked (``None`` is let through:
+    several settings use it for "off"); ``source`` says where the value came from.
+    """
+    if value is None or default is None:
+        return
+    if isinstance(default, bool):
+        expected, ok = bool, isinstance(value, bool)
+    elif isinstance(default, int):
+        expected, ok = int, isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        expected, ok = float, isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        return
+    if not ok:
+        note = " (expressions are not evaluated)" if isinstance(value, str) else ""
+        raise ConfigError(f"{source}: {key}={value!r} is not {_type_name(expected)} "
+                          f"({key} expects {expected.__name__}, like its default {default!r}){note}")
 
 
 def properties_dir() -> str:
@@ -26,7 +106,7 @@ def resolve_config_file(name: str) -> str:
     preset = _property_file("preset", f"{name}.yaml") or _property_file("preset", name)
     if preset:
         return preset
-    raise FileNotFoundError(f"config file {name!r} not found (and no shipped preset of that name: "
+    raise ConfigError(f"config file {name!r} not found (and no shipped preset of that name: "
                             f"{', '.join(sorted(f[:-5] for f in os.listdir(os.path.join(properties_dir(), 'preset'))))})")
 
 
@@ -49,14 +129,28 @@ class Config(RecBoleConfig):
         super().__init__(model, dataset, [resolve_config_file(f) for f in config_file_list or []] or None,
                          config_dict)
 
+    # Values are parsed, never evaluated: RecBole eval()s override strings and reads yaml with
+    # FullLoader; here literals and safe yaml only (see :func:`parse_value`, :func:`load_yaml_file`).
+    def _build_yaml_loader(self):
+        return _SafeYamlLoader
+
+    def _convert_config_dict(self, config_dict):
+        return {key: parse_value(value) if isinstance(value, str) else value for key, value in config_dict.items()}
+
+    def _load_config_files(self, file_list):
+        merged = {}
+        for path in file_list or []:
+            merged.update(load_yaml_file(path))
+        return merged
+
     def _load_cmd_line(self):
         cmd = {}
         for arg in self._argv:
             if not arg.startswith("--") or "=" not in arg:
-                raise ValueError(f"command-line override {arg!r} is not of the form --key=value")
+                raise ConfigError(f"command-line override {arg!r} is not of the form --key=value")
             key, value = arg[2:].split("=", 1)
             if key in cmd and cmd[key] != value:
-                raise ValueError(f"command-line override --{key} is given twice with different values")
+                raise ConfigError(f"command-line override --{key} is given twice with different values")
             cmd[key] = value
         return self._convert_config_dict(cmd)
 
@@ -64,7 +158,7 @@ class Config(RecBoleConfig):
         if model is None:
             model = self.external_config_dict.get("model")
             if model is None:
-                raise KeyError("no model given: pass --model=NAME (or `model:` in a config file)")
+                raise ConfigError("no model given: pass --model=NAME (or `model:` in a config file)")
         if isinstance(model, str):
             from recbole_mm.utils import get_model
 
@@ -81,15 +175,66 @@ class Config(RecBoleConfig):
             keys = self._update_internal_config_dict(path) or {}
             self.parameters["Dataset"] += [k for k in keys if k not in self.parameters["Dataset"]]
 
+    def _source(self, key: str) -> str:
+        if key in self.cmd_config_dict:
+            return "command line"
+        if key in self.variable_config_dict:
+            return "config_dict"
+        return "config file"
+
+    def _check_settings(self):
+        """Types of the user's numeric/boolean settings, and settings that would fail only after training."""
+        cfg = self.final_config_dict
+        for key, value in self.external_config_dict.items():
+            check_setting_type(key, value, self.internal_config_dict.get(key), self._source(key))
+        if self.model == "KD_DAGFM" and cfg.get("teacher") not in ("CrossNet", "CIN"):
+            # RecBole eval()s this setting to pick the teacher class
+            raise ConfigError(f"{self._source('teacher')}: teacher={cfg.get('teacher')!r} is not one of "
+                              f"'CrossNet', 'CIN' (KD_DAGFM's teacher networks)")
+        if self.model == "PRIME":
+            n = cfg.get("n_candidates")
+            if not isinstance(n, int) or not 1 <= n <= 26:
+                raise ConfigError(f"n_candidates={n!r}: PRIME's ranker letters its candidates A..Z, so "
+                                  f"n_candidates must be an integer from 1 to 26")
+            from recbole_mm.utils import get_model
+
+            retriever = get_model(str(cfg.get("retriever")))
+            if getattr(retriever, "type", None) != ModelType.SEQUENTIAL:
+                raise ConfigError(f"retriever={cfg.get('retriever')!r} is not a sequential model "
+                                  f"({getattr(retriever, 'type', 'unknown type')}); PRIME's retriever "
+                                  f"ranks from the user's history: use e.g. LRURec or SASRec")
+
+    def _check_topk(self):
+        cfg = self.final_config_dict
+        topk, metric = cfg["topk"], str(cfg["valid_metric"])
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in topk):
+            raise ConfigError(f"{self._source('topk')}: topk={topk!r} must be a positive integer or a list of them")
+        name, _, k = metric.partition("@")
+        if not k or not str(cfg.get("eval_type")).endswith("RANKING"):
+            return
+        if not k.isdigit():
+            raise ConfigError(f"valid_metric={metric!r}: the part after '@' must be an integer k (e.g. NDCG@10)")
+        if int(k) not in topk:
+            raise ConfigError(f"valid_metric={metric!r} needs k={k} in topk={topk}; add it "
+                              f"(e.g. --topk={sorted(set(topk) | {int(k)})}) or choose a valid_metric whose k is in topk")
+        if name.lower() not in [str(m).lower() for m in cfg["metrics"]]:
+            raise ConfigError(f"valid_metric={metric!r} is not among metrics={cfg['metrics']}; add "
+                              f"{name} to metrics or choose another valid_metric")
+
     def _set_default_parameters(self):
         cfg = self.final_config_dict
+        self._check_settings()
         if (cfg.get("MODEL_TYPE") == ModelType.SEQUENTIAL and cfg.get("loss_type") == "CE"
                 and "train_neg_sample_args" not in self.external_config_dict):
             cfg["train_neg_sample_args"] = None
         if cfg.get("train_positions", "last") not in ("last", "all"):
-            raise ValueError(f"train_positions must be 'last' or 'all', not {cfg['train_positions']!r}")
+            raise ConfigError(f"train_positions must be 'last' or 'all', not {cfg['train_positions']!r}")
         if cfg.get("train_positions") == "all" and not getattr(self.model_class, "supports_all_positions", False):
-            raise ValueError(
+            raise ConfigError(
                 f"train_positions='all' (one sequence per user, loss at every position) is not supported "
                 f"by {self.model}; use train_positions='last' (RecBole's prefix samples)")
-        super()._set_default_parameters()
+        try:
+            super()._set_default_parameters()
+        except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:  # RecBole's checks of settings
+            raise ConfigError(f"settings refused by RecBole: {e}") from None
+        self._check_topk()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import sys
 import time
@@ -12,6 +13,7 @@ import torch
 from recbole.utils import init_logger, init_seed
 
 from recbole_mm.config import Config
+from recbole_mm.errors import CheckpointError, ConfigError
 from recbole_mm.utils import create_dataset, data_preparation, get_model, get_trainer
 
 
@@ -23,11 +25,29 @@ def peak_memory_mb() -> dict:
     return peak
 
 
+def check_against_data(config, dataset) -> None:
+    """Settings that only the data can refute, checked before anything trains: every cutoff in
+    ``topk`` and PRIME's ``n_candidates`` must fit in the number of items."""
+    items = dataset.item_num - 1  # without RecBole's [PAD]
+    if max(config["topk"]) > items:
+        raise ConfigError(f"topk={config['topk']}: dataset {config['dataset']!r} has only {items} items; "
+                          f"use cutoffs of at most {items}")
+    if "n_candidates" in config and config["model"] == "PRIME" and config["n_candidates"] > items:
+        raise ConfigError(f"n_candidates={config['n_candidates']}: dataset {config['dataset']!r} has only "
+                          f"{items} items to choose candidates from; use at most {items}")
+    if "retriever_checkpoint" in config and config["retriever_checkpoint"] and \
+            not os.path.isfile(config["retriever_checkpoint"]):
+        raise CheckpointError(f"retriever_checkpoint={config['retriever_checkpoint']} does not exist; check the path")
+
+
 def _train_and_evaluate(config, saved: bool, resume: str | None, verbose: bool = True) -> dict:
     logger = getLogger()
     started = time.perf_counter()
+    if resume and not os.path.isfile(resume):
+        raise CheckpointError(f"--resume={resume}: no such checkpoint file; check the path")
     dataset = create_dataset(config)
     logger.info(dataset)
+    check_against_data(config, dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
@@ -87,9 +107,9 @@ def objective_function(config_dict=None, config_file_list=None, saved=True, argv
 
 def load_data_and_model(model_file: str):
     """Rebuild config, data, model (with its trained weights) from a recbole-mm checkpoint."""
-    from recbole_mm.trainer.checkpoint import safe_load
+    from recbole_mm.trainer.checkpoint import checkpoint_entries, load_model_state, safe_load
 
-    checkpoint = safe_load(model_file)
+    checkpoint = checkpoint_entries(safe_load(model_file), model_file, keys=("config", "external_config", "state_dict"))
     stored = checkpoint["config"]
     config = Config(model=stored["model"], dataset=stored["dataset"], config_dict=checkpoint["external_config"])
     init_seed(config["seed"], config["reproducibility"])
@@ -98,6 +118,6 @@ def load_data_and_model(model_file: str):
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    model.load_state_dict(checkpoint["state_dict"])
+    load_model_state(model, checkpoint["state_dict"], model_file, stored["dataset"], config["dataset"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data

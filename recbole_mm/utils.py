@@ -14,6 +14,8 @@ from logging import getLogger
 
 from recbole.utils import ModelType
 
+from recbole_mm.errors import ConfigError, UserError
+
 # name -> module that defines the class of that name. Modules are imported on demand so that
 # heavy dependencies stay behind the models that need them.
 MODELS = {
@@ -52,14 +54,14 @@ def get_model(model_name: str):
         try:
             module = importlib.import_module(f"recbole.model.{sub}.{model_name.lower()}")
         except ModuleNotFoundError as err:
-            raise ImportError(f"RecBole model {model_name} needs the package {err.name!r}: "
+            raise UserError(f"RecBole model {model_name} needs the package {err.name!r}: "
                               f"pip install {err.name}") from None
         if hasattr(module, model_name):
             return getattr(module, model_name)
     known = sorted(MODELS) + recbole_model_names()
     close = difflib.get_close_matches(model_name, known, n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(
+    raise ConfigError(
         f"Unknown model {model_name!r}.{hint}\n"
         f"recbole-mm models: {', '.join(sorted(MODELS))}\n"
         f"RecBole models: {', '.join(recbole_model_names())}")
@@ -104,7 +106,7 @@ def _check_dataset_files(config):
     path = config["data_path"]
     inter = os.path.join(path, f"{config['dataset']}.inter")
     if not os.path.isfile(inter) and not config["benchmark_filename"]:
-        raise FileNotFoundError(
+        raise UserError(
             f"dataset {config['dataset']!r}: no interaction file at {inter}. Prepare it first "
             f"(e.g. `recbole-mm-data prepare {config['dataset']} --out dataset/`), or point "
             f"--data_path=DIR at the folder that holds {config['dataset']}/{config['dataset']}.inter")
@@ -134,7 +136,7 @@ def data_preparation(config, dataset):
         rows = full_sequence_rows(train_dataset, config["MAX_ITEM_LIST_LENGTH"])
         train_dataset = train_dataset.copy(train_dataset.inter_feat[rows])
     if config["MODEL_TYPE"] == ModelType.KNOWLEDGE:
-        raise NotImplementedError("knowledge-aware models: use RecBole's own run_recbole")
+        raise UserError("knowledge-aware models: use RecBole's own run_recbole")
     train_data = get_dataloader(config, "train")(config, train_dataset, samplers[0], shuffle=config["shuffle"])
 
     loaders = []

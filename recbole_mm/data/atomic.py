@@ -35,6 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
 
+from recbole_mm.errors import UserError
+
 try:
     import fcntl
 except ImportError:  # not POSIX: stale temporaries are recognised by their age instead of a lock
@@ -51,7 +53,7 @@ _INT_DIGITS = getattr(sys, "get_int_max_str_digits", lambda: 4300)() or 4300
 _LONG_INT = re.compile(r"""["']?([A-Za-z_]\w*)["']?\s*:\s*[-+]?(\d{%d,})""" % (_INT_DIGITS + 1))
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """Bad input data; the message names the file, row, field and value, and what to do."""
 
     def __init__(self, message: str, *, file: str | os.PathLike | None = None, row: int | None = None,

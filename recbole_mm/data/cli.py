@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from recbole_mm.data.atomic import DataFormatError
+from recbole_mm.errors import UserError
 
 DATASETS = ("beauty", "ml-100k-posters", "ml-1m", "hm")
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except DataFormatError as e:
+    except UserError as e:  # DataFormatError and every other user error: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

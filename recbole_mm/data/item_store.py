@@ -29,9 +29,13 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from recbole_mm.data.atomic import DataFormatError, read_jsonl
+from recbole_mm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+#: longest side / shortest side of a served image; flatter images are padded (vision processors such
+#: as Qwen2-VL's refuse ratios above 200, and a 6000x3 strip carries nothing at a few thousand pixels)
+MAX_ASPECT_RATIO = 20
 DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 168 * 168
 PAD_TOKEN = "[PAD]"
@@ -64,6 +68,14 @@ def fit_pixels(width: int, height: int, min_pixels: int, max_pixels: int) -> tup
     return w, h
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, ``False`` for paths the OS cannot even look up (name too long, ...)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 class ItemStore:
     """Raw attributes and images of a dataset's items, indexed by RecBole internal item id.
 
@@ -84,7 +96,7 @@ class ItemStore:
                  cache_size: int = 4096, extra_side_files: Iterable[str] = ("captions",),
                  item_id_field: str = "item_id", field_separator: str = "\t", encoding: str = "utf-8"):
         if not 1 <= min_pixels <= max_pixels:
-            raise ValueError(f"need 1 <= min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+            raise ConfigError(f"need 1 <= min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
         self.folder = Path(folder)
         self.name = self.folder.name
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
@@ -130,6 +142,7 @@ class ItemStore:
         self._root = self.folder.resolve()
         self._cache: OrderedDict[int, Any] = OrderedDict()
         self._bad: set[int] = set()
+        self._padded: set[int] = set()
         self._lock = threading.Lock()
 
     @classmethod
@@ -187,7 +200,11 @@ class ItemStore:
         if os.path.isabs(rel) or Path(rel).drive:
             self._report(i, rel, "absolute image path refused (must be relative to the dataset folder)")
             return None
-        path = (self.folder / rel).resolve()
+        try:
+            path = (self.folder / rel).resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # symlink loop, NUL byte, over-long name
+            self._report(i, rel[:200], f"unusable image path, treated as missing ({type(e).__name__}: {str(e)[:120]})")
+            return None
         if not path.is_relative_to(self._root):
             self._report(i, rel, "image path outside the dataset folder refused")
             return None
@@ -196,7 +213,7 @@ class ItemStore:
     def has_image(self, item_id: Any) -> bool:
         """Whether the item has an image file that exists (does not decode it)."""
         p = self.image_path(item_id)
-        return p is not None and p.is_file()
+        return p is not None and _is_file(p)
 
     def image(self, item_id: Any):
         """The item's image as an RGB ``PIL.Image`` resized to the pixel budget, or ``None``."""
@@ -226,8 +243,8 @@ class ItemStore:
         path = self.image_path(i)
         if path is None:
             return None
-        if not path.is_file():
-            self._report(i, self._image_rel[i], "image file not found, treated as missing", level=logging.INFO)
+        if not _is_file(path):
+            self._report(i, self._image_rel[i][:200], "image file not found, treated as missing", level=logging.INFO)
             return None
         from PIL import Image
 
@@ -238,10 +255,30 @@ class ItemStore:
         except Exception as e:  # Pillow raises many types for bad files (OSError, SyntaxError, ...)
             self._report(i, self._image_rel[i], f"corrupt image, treated as missing ({type(e).__name__}: {e})")
             return None
+        img = self._pad_flat(i, img)
         size = fit_pixels(img.width, img.height, self.min_pixels, self.max_pixels)
         if size != img.size:
             img = img.resize(size, Image.Resampling.BICUBIC)
         return img
+
+    def _pad_flat(self, i: int, img):
+        """``img`` centred on a black canvas whose aspect ratio is at most :data:`MAX_ASPECT_RATIO`
+        (logged once per item); other images unchanged."""
+        w, h = img.size
+        if max(w, h) <= MAX_ASPECT_RATIO * min(w, h):
+            return img
+        from PIL import Image
+
+        size = (w, math.ceil(w / MAX_ASPECT_RATIO)) if w > h else (math.ceil(h / MAX_ASPECT_RATIO), h)
+        canvas = Image.new("RGB", size)
+        canvas.paste(img, ((size[0] - w) // 2, (size[1] - h) // 2))
+        with self._lock:
+            first = i not in self._padded
+            self._padded.add(i)
+        if first:
+            logger.warning("item %s (id %d): image of %dx%d pixels (aspect ratio above %d) padded to %dx%d: %s",
+                           self.tokens[i], i, w, h, MAX_ASPECT_RATIO, size[0], size[1], self._image_rel[i])
+        return canvas
 
     def _report(self, i: int, rel: str | None, what: str, level: int = logging.WARNING) -> None:
         with self._lock:

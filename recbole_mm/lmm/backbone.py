@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from recbole_mm.errors import ConfigError, UserError
+
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("auto", "4bit", "none")
@@ -30,7 +32,7 @@ EXCLUDED_COMPONENTS = {
 _PIXEL_LIMIT_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_omni")
 
 
-class BackboneLoadError(OSError):
+class BackboneLoadError(UserError, OSError):
     """The backbone could not be found or read (no network, offline mode, missing directory)."""
 
 
@@ -52,9 +54,9 @@ class BackboneSettings:
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+            raise ConfigError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if isinstance(self.lora_targets, str) and self.lora_targets != "all-linear":
             self.lora_targets = [self.lora_targets]
 
@@ -183,7 +185,7 @@ def lora_target_modules(model, targets="all-linear") -> list[str]:
         suffixes = [targets] if isinstance(targets, str) else list(targets)
         names = [n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)]
     if not names:
-        raise ValueError(f"no LoRA target modules found in the language model for lora_targets={targets!r}")
+        raise ConfigError(f"no LoRA target modules found in the language model for lora_targets={targets!r}")
     return names
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from recbole_mm.data.atomic import DataFormatError, write_json, write_jsonl
+from recbole_mm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +96,9 @@ class DescriberSettings:
 
     def __post_init__(self):
         if self.missing_image not in MISSING_IMAGE:
-            raise ValueError(f"describer_missing_image must be one of {MISSING_IMAGE}, got {self.missing_image!r}")
+            raise ConfigError(f"describer_missing_image must be one of {MISSING_IMAGE}, got {self.missing_image!r}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("describer_max_new_tokens and describer_batch_size must be >= 1")
+            raise ConfigError("describer_max_new_tokens and describer_batch_size must be >= 1")
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("batch_size", "quantization", "dtype")}
@@ -182,7 +183,7 @@ class Describer:
 
     def __init__(self, backbone, settings: DescriberSettings, device="cpu"):
         if not backbone.is_vision:
-            raise ValueError(f"describer_model {settings.model!r} is not an image-text-to-text model")
+            raise ConfigError(f"describer_model {settings.model!r} is not an image-text-to-text model")
         self.backbone, self.settings, self.device = backbone, settings, device
         self.processor, self.tokenizer = backbone.processor, backbone.tokenizer
 

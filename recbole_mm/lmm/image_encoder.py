@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from recbole_mm.errors import ConfigError
 from recbole_mm.lmm.sentence_encoder import load_error, pretrained_location, weights_identity
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ class ImageEncoder:
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
         if not name_or_path:
-            raise ValueError("image_encoder is not set: image features need a vision checkpoint (hub id, local "
+            raise ConfigError("image_encoder is not set: image features need a vision checkpoint (hub id, local "
                              "folder such as a saved CLIPModel, or 'small' for a random one built locally)")
         self.name = str(name_or_path)
         path, kwargs, local = pretrained_location(self.name, "image_encoder", trust_remote_code)

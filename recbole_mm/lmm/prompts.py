@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Sequence
 
+from recbole_mm.errors import ConfigError
+
 VARIANTS = ("full", "title_only", "no_image", "no_title")
 IMAGE_PLACEHOLDER = "<image>"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -82,9 +84,9 @@ class PromptSettings:
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
-            raise ValueError(f"prompt variant must be one of {VARIANTS}, not {self.variant!r}")
+            raise ConfigError(f"prompt variant must be one of {VARIANTS}, not {self.variant!r}")
         if int(self.max_history) < 0:
-            raise ValueError(f"max_history must be >= 0, got {self.max_history}")
+            raise ConfigError(f"max_history must be >= 0, got {self.max_history}")
         if self.fields is not None:
             self.fields = tuple(self.fields)
 

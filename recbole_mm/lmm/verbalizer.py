@@ -12,12 +12,13 @@ from typing import Sequence
 
 import torch
 
+from recbole_mm.errors import UserError
 from recbole_mm.lmm import prompts
 
 IGNORE_INDEX = -100
 
 
-class VerbalizerError(ValueError):
+class VerbalizerError(UserError, ValueError):
     """A letter does not map to exactly one token after the prompt."""
 
 

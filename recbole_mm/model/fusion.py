@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from recbole_mm.errors import ConfigError
+
 LEARNED = ("attention", "gating")
 FIXED = ("concat", "average")
 
@@ -104,4 +106,4 @@ def make_fusion(kind: str, text_dim: int, image_dim: int, dim: int | None = None
         return AttentionFusion(text_dim, image_dim, dim)
     if kind == "gating":
         return GatingFusion(text_dim, image_dim, dim)
-    raise ValueError(f"unknown fusion {kind!r}; use one of {FIXED + LEARNED}")
+    raise ConfigError(f"unknown fusion {kind!r}; use one of {FIXED + LEARNED}")

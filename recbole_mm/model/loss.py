@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from recbole_mm.errors import ConfigError
+
 SET_LIKELIHOODS = ("mean", "product")
 
 
@@ -42,7 +44,7 @@ def set_log_likelihood(log_probs: torch.Tensor, sets: torch.Tensor, mode: str = 
     ``k >= 2``, ``P <= k ** -k <= 1/4``, where :func:`log1mexp` is exact.
     """
     if mode not in SET_LIKELIHOODS:
-        raise ValueError(f"pref_set_likelihood must be one of {SET_LIKELIHOODS}, not {mode!r}")
+        raise ConfigError(f"pref_set_likelihood must be one of {SET_LIKELIHOODS}, not {mode!r}")
     k = sets.size(1)
     picked = log_probs.gather(1, sets)
     outside = log_probs.scatter(1, sets, float("-inf")).logsumexp(1)

@@ -8,6 +8,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
+from recbole_mm.errors import ConfigError
 from recbole_mm.model.layers import LRUBlock, pack
 
 
@@ -33,7 +34,7 @@ class LRURec(SequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         if config["loss_type"] != "CE":
-            raise ValueError(f"LRURec supports loss_type 'CE' only, not {config['loss_type']!r}")
+            raise ConfigError(f"LRURec supports loss_type 'CE' only, not {config['loss_type']!r}")
         self.hidden_size = config["hidden_size"]
         self.train_positions = config["train_positions"]
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
@@ -46,7 +47,7 @@ class LRURec(SequentialRecommender):
         self.output_bias = nn.Parameter(torch.zeros(self.n_items))
         self.start_embedding = nn.Parameter(torch.zeros(self.hidden_size)) if config["start_token"] else None
         if self.start_embedding is not None and self.train_positions != "all":
-            raise ValueError("start_token needs train_positions: all (it adds a target before the first position)")
+            raise ConfigError("start_token needs train_positions: all (it adds a target before the first position)")
         self._truncated_normal_init(config["initializer_range"])
 
     def _truncated_normal_init(self, std: float):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
+from recbole_mm.errors import ConfigError
 from recbole_mm.model.fusion import FIXED, LEARNED, make_fusion
 
 FUSIONS = ("text", "image") + FIXED + LEARNED
@@ -198,10 +199,10 @@ class VLM4Rec(SequentialRecommender):
         super().__init__(config, dataset)
         self.fusion_kind = config["fusion"]
         if self.fusion_kind not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion_kind!r}")
+            raise ConfigError(f"fusion must be one of {FUSIONS}, got {self.fusion_kind!r}")
         self.history_length = int(config["history_length"])
         if self.history_length < 1:
-            raise ValueError(f"history_length must be >= 1, got {self.history_length}")
+            raise ConfigError(f"history_length must be >= 1, got {self.history_length}")
         if self.history_length > self.max_seq_length:
             getLogger().warning(f"[VLM4Rec] history_length {self.history_length} > MAX_ITEM_LIST_LENGTH "
                                 f"{self.max_seq_length}: the profile uses the last {self.max_seq_length} items")

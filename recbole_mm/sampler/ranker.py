@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from recbole.sampler.sampler import AbstractSampler
 
+from recbole_mm.errors import ConfigError
+
 DISTRIBUTIONS = ("popularity", "uniform")
 
 
@@ -56,7 +58,7 @@ class RankerNegativeSampler(AbstractSampler):
     # -- RecBole AbstractSampler interface ------------------------------------------------------
     def set_distribution(self, distribution: str) -> None:
         if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, not {distribution!r}")
+            raise ConfigError(f"distribution must be one of {DISTRIBUTIONS}, not {distribution!r}")
         self.distribution = distribution
         if distribution == "uniform":
             weights = np.ones(self.item_num, dtype=np.float64)

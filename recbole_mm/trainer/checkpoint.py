@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import enum
+import os
+import pickle
 
 import torch
 
 from recbole_mm.data.atomic import atomic_output
+from recbole_mm.errors import CheckpointError
 
 
 def plain_config(config, external_only: bool = False) -> dict:
@@ -41,14 +44,54 @@ def atomic_save(obj, path: str) -> None:
         torch.save(obj, f)
 
 
-def safe_load(path: str, map_location=None) -> dict:
-    """Load a checkpoint with ``weights_only=True``; explain what to do when that is refused."""
+def safe_load(path: str, map_location=None, what: str = "checkpoint") -> dict:
+    """Load a checkpoint with ``weights_only=True``; a missing, empty, corrupt or unsafe file is a
+    one-line :class:`~recbole_mm.errors.CheckpointError` that says what to do (never to turn safe
+    loading off)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} {path} does not exist (or is not a file); check the path")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes, an interrupted save?); use another checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
-    except Exception as err:
-        raise RuntimeError(
-            f"checkpoint {path} cannot be loaded safely (weights_only=True): {err}. It was probably "
-            f"written by RecBole's own trainer, which pickles its Config object; retrain with "
-            f"recbole-mm (run_recbole_mm.py) to get a weights-only checkpoint.") from None
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            raise CheckpointError(
+                f"{what} {path} is refused: it holds pickled Python objects, which safe loading "
+                f"(torch.load weights_only=True) does not run. It was probably written by RecBole's own "
+                f"trainer, which pickles its Config object; retrain with recbole-mm (run_recbole_mm.py) "
+                f"to get a weights-only checkpoint") from None
+        raise _unreadable(what, path, err) from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError, ... for damaged files
+        raise _unreadable(what, path, err) from None
+
+
+def _unreadable(what: str, path: str, err: Exception) -> CheckpointError:
+    reason = str(err).splitlines()[0].split(". ")[0][:160] if str(err) else type(err).__name__
+    if "weights_only" in reason:
+        reason = type(err).__name__
+    return CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint (truncated or corrupt: "
+                           f"{reason}); use a .pth file written by a recbole-mm run")
+
+
+def checkpoint_entries(checkpoint, path: str, keys=("config", "state_dict")) -> dict:
+    """``checkpoint`` if it is a dict with ``keys`` (a recbole-mm run checkpoint), else a one-line error."""
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in keys):
+        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f"checkpoint {path} is not a recbole-mm run checkpoint (needs {list(keys)}, "
+                              f"found {found}); use the .pth file a run_recbole_mm run saved")
+    return checkpoint
+
+
+def load_model_state(model, state_dict, path: str, trained_on: str | None = None, dataset: str | None = None):
+    """``model.load_state_dict(state_dict)``; tensors of other shapes (another dataset or model size)
+    or other names are a one-line :class:`~recbole_mm.errors.CheckpointError`."""
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
+        where = f" (trained on dataset {trained_on!r}, this run uses {dataset!r})" if trained_on and dataset else ""
+        raise CheckpointError(f"checkpoint {path} does not fit this model{where}: {detail[:200]}; use a "
+                              f"checkpoint of the same model, settings and dataset") from None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from recbole_mm.trainer.checkpoint import atomic_save, plain_config, safe_load
+from recbole_mm.errors import CheckpointError
+from recbole_mm.trainer.checkpoint import atomic_save, checkpoint_entries, load_model_state, plain_config, safe_load
 
 
 class RecBoleMMTrainerMixin:
@@ -45,17 +46,25 @@ class RecBoleMMTrainerMixin:
             self.logger.info(f"Saving current: {path}")
 
     def resume_checkpoint(self, resume_file):
-        checkpoint = safe_load(str(resume_file), map_location=self.device)
-        if checkpoint["config"]["model"].lower() != self.config["model"].lower():
-            raise ValueError(f"checkpoint {resume_file} is for model {checkpoint['config']['model']}, "
-                             f"not {self.config['model']}")
+        checkpoint = checkpoint_entries(safe_load(str(resume_file), map_location=self.device), resume_file,
+                                        keys=("config", "epoch", "cur_step", "best_valid_score", "state_dict",
+                                              "optimizer"))
+        stored = checkpoint["config"]
+        if str(stored.get("model", "")).lower() != self.config["model"].lower():
+            raise CheckpointError(f"checkpoint {resume_file} is for model {stored.get('model')}, "
+                                  f"not {self.config['model']}; resume with --model={stored.get('model')}")
+        load_model_state(self.model, checkpoint["state_dict"], resume_file, stored.get("dataset"),
+                         self.config["dataset"])
         self.saved_model_file = str(resume_file)
         self.start_epoch = checkpoint["epoch"] + 1
         self.cur_step = checkpoint["cur_step"]
         self.best_valid_score = checkpoint["best_valid_score"]
-        self.model.load_state_dict(checkpoint["state_dict"])
         self.model.load_other_parameter(checkpoint.get("other_parameter"))
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {resume_file}: its optimizer state does not fit this run "
+                                  f"({err}); resume with the learner settings it was trained with") from None
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
 
     def _train_epoch(self, train_data, epoch_idx, *args, **kwargs):

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from recbole_mm.errors import ConfigError
 from recbole_mm.model.loss import SET_LIKELIHOODS, preference_loss
 from recbole_mm.sampler.candidate_sets import CandidateSetSampler, label_pairs
 from recbole_mm.trainer.checkpoint import atomic_save, safe_load
@@ -46,10 +47,10 @@ class PreferenceTrainer:
         self.retriever = model.retriever
         self.logger = getLogger()
         if config["pref_set_likelihood"] not in SET_LIKELIHOODS:
-            raise ValueError(f"pref_set_likelihood must be one of {SET_LIKELIHOODS}, "
+            raise ConfigError(f"pref_set_likelihood must be one of {SET_LIKELIHOODS}, "
                              f"not {config['pref_set_likelihood']!r}")
         if config["pref_batch_size"] < 1 or config["pref_epochs"] < 0 or config["pref_valid_every"] < 1:
-            raise ValueError("pref_batch_size and pref_valid_every must be >= 1 and pref_epochs >= 0, got "
+            raise ConfigError("pref_batch_size and pref_valid_every must be >= 1 and pref_epochs >= 0, got "
                              f"{config['pref_batch_size']}, {config['pref_valid_every']}, {config['pref_epochs']}")
         self.sampler = CandidateSetSampler(config["n_candidates"], config["pref_max_tries"])
         wd = config["pref_weight_decay"]

@@ -11,7 +11,7 @@ import torch
 from recbole.trainer import Trainer
 
 from recbole_mm.trainer.artifacts import StageStore, dataset_fingerprint, fingerprint
-from recbole_mm.trainer.checkpoint import atomic_save, plain_config, safe_load
+from recbole_mm.trainer.checkpoint import atomic_save, checkpoint_entries, load_model_state, plain_config, safe_load
 from recbole_mm.trainer.preference import PREFERENCE_KEYS, PreferenceTrainer
 from recbole_mm.trainer.ranker import RankerExamples, RankerTrainer, ranked_ndcg
 
@@ -72,7 +72,9 @@ class PRIMETrainer(Trainer):
             self.logger.info(f"[PRIME] stage retriever: reusing {path}")
             info = {"reused": True}
         elif self.config["retriever_checkpoint"]:
-            state = safe_load(self.config["retriever_checkpoint"], map_location="cpu")["state_dict"]
+            ckpt = self.config["retriever_checkpoint"]
+            state = checkpoint_entries(safe_load(ckpt, map_location="cpu"), ckpt)["state_dict"]
+            load_model_state(self.model.retriever, state, ckpt)  # a checkpoint of another model/dataset: one line
             atomic_save(state, str(path))
             info = {"loaded_from": self.config["retriever_checkpoint"]}
             self.stages.finish("retriever", key, info)
