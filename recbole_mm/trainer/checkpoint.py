@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import os
 import pickle
+import re
 
 import torch
 
@@ -56,19 +57,24 @@ def safe_load(path: str, map_location=None, what: str = "checkpoint") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower() or "weights_only" in str(err):
+        text = str(err)
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+        if found or "Unsupported global" in text:
+            what_object = f" ({found.group(1)})" if found else ""
             raise CheckpointError(
-                f"{what} {path} is refused: it holds pickled Python objects, which safe loading "
+                f"{what} {path} is refused: it holds a pickled Python object{what_object}, which safe loading "
                 f"(torch.load weights_only=True) does not run. It was probably written by RecBole's own "
                 f"trainer, which pickles its Config object; retrain with recbole-mm (run_recbole_mm.py) "
                 f"to get a weights-only checkpoint") from None
-        raise _unreadable(what, path, err) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        raise _unreadable(what, path, detail.group(1) if detail else type(err).__name__) from None
     except Exception as err:  # torch raises RuntimeError, EOFError, KeyError, ... for damaged files
         raise _unreadable(what, path, err) from None
 
 
-def _unreadable(what: str, path: str, err: Exception) -> CheckpointError:
-    reason = str(err).splitlines()[0].split(". ")[0][:160] if str(err) else type(err).__name__
+def _unreadable(what: str, path: str, err) -> CheckpointError:
+    text = str(err)
+    reason = text.splitlines()[0].split(". ")[0][:160] if text.strip() else type(err).__name__
     if "weights_only" in reason:
         reason = type(err).__name__
     return CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint (truncated or corrupt: "
