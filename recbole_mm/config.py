@@ -44,8 +44,11 @@ def parse_value(text: str):
 
 def load_yaml_file(path: str) -> dict:
     """A yaml config file as a dict (safe loading); malformed yaml is a one-line error with file and line."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: bytes that are not UTF-8 at byte {e.start}; save it as UTF-8") from None
     try:
         data = yaml.load(text, Loader=_SafeYamlLoader)
     except yaml.MarkedYAMLError as e:
@@ -107,18 +110,22 @@ def resolve_config_file(name: str) -> str:
     if preset:
         return preset
     raise ConfigError(f"config file {name!r} not found (and no shipped preset of that name: "
-                            f"{', '.join(sorted(f[:-5] for f in os.listdir(os.path.join(properties_dir(), 'preset'))))})")
+                      f"{', '.join(sorted(f[:-5] for f in os.listdir(os.path.join(properties_dir(), 'preset'))))})")
 
 
 class Config(RecBoleConfig):
-    """RecBole's ``Config`` with three changes, each small and named:
+    """RecBole's ``Config`` with these changes, each small and named:
 
     - a config file may be named by a shipped preset (``--config_files=prime-cpu``);
     - model names resolve through :func:`recbole_mm.utils.get_model` (plugin first, then RecBole);
     - our ``overall.yaml``, ``model/<Model>.yaml`` and ``dataset/<name>.yaml`` are layered on top of
       RecBole's internal defaults (so user files, ``config_dict`` and the command line still win);
     - command-line overrides come from ``argv`` (a list of ``--key=value``), not from ``sys.argv``,
-      so that library calls (tests, tuning) are not influenced by the host process's arguments.
+      so that library calls (tests, tuning) are not influenced by the host process's arguments;
+    - values are parsed, never evaluated (:func:`parse_value`, :func:`load_yaml_file`), and bad
+      settings are one-line :class:`~recbole_mm.errors.ConfigError` s: wrong types for numeric /
+      boolean settings, ``topk`` without the k of ``valid_metric``, PRIME's ``n_candidates`` and
+      ``retriever``, KD_DAGFM's ``teacher`` (which RecBole ``eval()``s).
 
     A CE-loss model gets ``train_neg_sample_args: None`` unless the user set it, which is what
     RecBole requires for CE and what its own quick-start examples write by hand.

@@ -129,6 +129,10 @@ def test_yaml_python_tags_are_refused_not_run(tmp_path):
     evil.write_text("epochs: !!python/object/apply:os.system ['touch PWNED']\n")
     with pytest.raises(ConfigError, match=r"evil.yaml, line 1"):
         Config("SASRec", "ml-100k", config_file_list=[str(evil)])
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"note: caf\xe9\n")
+    with pytest.raises(ConfigError, match="latin.yaml: bytes that are not UTF-8 at byte 9"):
+        Config("SASRec", "ml-100k", config_file_list=[str(latin)])
     listed = tmp_path / "list.yaml"
     listed.write_text("- epochs\n- 5\n")
     with pytest.raises(ConfigError, match="expected `key: value` settings"):

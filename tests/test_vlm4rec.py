@@ -353,7 +353,7 @@ def test_bad_settings_fail_clearly(shared, tmp_path):
         run_recbole_mm("VLM4Rec", "mmfix", config_dict=_config(shared, text_source="title", fusion="mean"))
     folder = make_fixture(tmp_path / "data", "noimg", FixtureSpec(n_users=20, n_items=12, seed=1), images=False)
     cfg = _config(shared, text_source="title", fusion="concat")
-    cfg["data_path"] = str(folder.parent)
+    cfg["data_path"], cfg["topk"] = str(folder.parent), [5, 10]  # 12 items: topk 20 would be refused first
     with pytest.raises(DataFormatError, match="needs item images.*fusion: text"):
         run_recbole_mm("VLM4Rec", "noimg", config_dict=cfg)
 
