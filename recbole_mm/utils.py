@@ -130,7 +130,9 @@ def data_preparation(config, dataset):
     from recbole_mm.data.sequences import full_sequence_rows
 
     train_dataset, valid_dataset, test_dataset = dataset.build()
-    samplers = create_samplers(config, dataset, (train_dataset, valid_dataset, test_dataset))
+    # a list: RecBole's Sampler checks `type(datasets) != list` and refuses a tuple (BPR and other
+    # negative-sampling models failed with "Phases ... and datasets ... should have the same length")
+    samplers = create_samplers(config, dataset, [train_dataset, valid_dataset, test_dataset])
     sequential = config["MODEL_TYPE"] == ModelType.SEQUENTIAL
 
     history = PrefixHistory(train_dataset, config) if sequential and config["mask_history"] else None

@@ -232,3 +232,47 @@ def test_answer_and_its_item_features_never_reach_full_sort_predict(tiny_dataset
         assert not {"item_id", "brand", "price"} & set(interaction.columns)
         assert "item_id_list" in interaction.columns and len(positive_i) == len(interaction)
         assert (positive_i > 0).all()
+
+
+@pytest.mark.parametrize("model, metrics", [
+    ("BPR", {"recall@10", "ndcg@10", "mrr@10"}),       # general, with a negative sampler
+    ("GRU4Rec", {"recall@10", "ndcg@10", "mrr@10"}),   # sequential
+    ("FM", {"auc", "logloss"}),                        # context-aware: RecBole's labeled protocol kept
+])
+def test_recbole_models_of_each_kind_run_through_the_runner(model, metrics):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: more threads only contend on a shared machine
+    try:
+        result = _run_on_ml100k(model)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["epochs_run"] == 1
+    for key in ("best_valid_result", "test_result"):
+        assert set(result[key]) >= metrics
+        assert all(0.0 <= result[key][m] <= 1.0 or m == "logloss" for m in metrics)
+    assert os.path.isfile(result["saved_model_file"])
+
+
+def _run_on_ml100k(model):
+    return run_recbole_mm(model, "ml-100k", config_dict={
+        "epochs": 1, "embedding_size": 16, "hidden_size": 16, "train_batch_size": 4096, "eval_batch_size": 4096,
+        "MAX_ITEM_LIST_LENGTH": 5,  # GRU4Rec's recurrence over 50 steps x 97k prefixes is minutes on a CPU
+        "show_progress": False, "state": "ERROR", "checkpoint_dir": "saved"})
+
+
+def test_checkpoint_names_are_unique_per_run_within_one_second(tiny_dataset, monkeypatch):
+    from recbole_mm.trainer import features
+    from recbole_mm.utils import get_model, get_trainer
+
+    monkeypatch.setattr(features, "get_local_time", lambda: "Dec-03-2026_07-00-00")  # the same second
+    data_path, name = tiny_dataset
+    config = Config("LRURec", name, config_dict=tiny_config(data_path))
+    dataset = create_dataset(config)
+    train_data, _, _ = data_preparation(config, dataset)
+    trainer_cls = get_trainer(config["MODEL_TYPE"], "LRURec")
+    names = {os.path.basename(trainer_cls(config, get_model("LRURec")(config, train_data._dataset)).saved_model_file)
+             for _ in range(2)}
+    assert len(names) == 2
+    for n in names:
+        assert n.startswith(f"LRURec-Dec-03-2026_07-00-00-{os.getpid()}-") and n.endswith(".pth")
+        assert len(n.rsplit("-", 1)[1]) == len("0123abcd.pth")
