@@ -179,9 +179,9 @@ def test_stage3_updates_weights_and_resumes_after_interruption(tiny_dataset, tmp
     steps, validations = [], []
     real_step, real_validate = preference.PreferenceTrainer.step_loss, prime.PRIMETrainer.preference_validation
 
-    def counting_step(self, feat, generator):
+    def counting_step(self, feat, generator, masked=None):
         steps.append(len(feat))
-        return real_step(self, feat, generator)
+        return real_step(self, feat, generator, masked)
 
     def validate_then_crash(self, valid_data):
         validations.append(1)
