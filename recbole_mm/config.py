@@ -127,6 +127,9 @@ class Config(RecBoleConfig):
       boolean settings, ``topk`` without the k of ``valid_metric``, PRIME's ``n_candidates`` and
       ``retriever``, KD_DAGFM's ``teacher`` (which RecBole ``eval()``s).
 
+    Context-aware (CTR) models keep RecBole's quick-start protocol for them (labeled evaluation,
+    ``AUC`` / ``LogLoss``), which our ranking defaults would otherwise replace.
+
     A CE-loss model gets ``train_neg_sample_args: None`` unless the user set it, which is what
     RecBole requires for CE and what its own quick-start examples write by hand.
     """
@@ -174,9 +177,19 @@ class Config(RecBoleConfig):
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
-        for path in (_property_file("overall.yaml"), _property_file("model", f"{model}.yaml")):
-            if path:
-                self._update_internal_config_dict(path)
+        self._update_internal_config_dict(_property_file("overall.yaml"))
+        if model_class.type in (ModelType.CONTEXT, ModelType.DECISIONTREE):
+            # CTR models keep RecBole's own protocol (labeled evaluation, AUC / LogLoss): our
+            # overall.yaml's ranking metrics do not apply to them
+            import recbole
+
+            quick = os.path.join(os.path.dirname(recbole.__file__), "properties", "quick_start_config")
+            self._update_internal_config_dict(os.path.join(quick, "context-aware.yaml"))
+            if dataset == "ml-100k":
+                self._update_internal_config_dict(os.path.join(quick, "context-aware_ml-100k.yaml"))
+        path = _property_file("model", f"{model}.yaml")
+        if path:
+            self._update_internal_config_dict(path)
         path = _property_file("dataset", f"{dataset}.yaml")
         if path:
             keys = self._update_internal_config_dict(path) or {}

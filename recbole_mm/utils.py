@@ -120,24 +120,34 @@ def data_preparation(config, dataset):
       its loss at every position of the sequence instead of on RecBole's prefix samples.
     - Full-ranking evaluation of sequential models uses :class:`SequentialFullSortEvalDataLoader`:
       the answer's id and item features are removed from the batch (no model can read them) and,
-      with ``mask_history: True``, the user's earlier items are excluded from the ranking.
+      with ``mask_history: True``, the user's earlier items (except the answer) are excluded from
+      the ranking. The :class:`~recbole_mm.data.dataloader.PrefixHistory` is also kept on the
+      training loader (``train_data.prefix_history`` and ``train_data.prefix_positions``, the
+      number of earlier items of each training row) for trainers that rank during training.
     """
+    import torch
     from recbole.data.utils import create_samplers, get_dataloader
 
-    from recbole_mm.data.dataloader import SequentialFullSortEvalDataLoader, user_history
+    from recbole_mm.data.dataloader import PrefixHistory, SequentialFullSortEvalDataLoader
     from recbole_mm.data.sequences import full_sequence_rows
 
     train_dataset, valid_dataset, test_dataset = dataset.build()
-    samplers = create_samplers(config, dataset, (train_dataset, valid_dataset, test_dataset))
+    # a list: RecBole's Sampler checks `type(datasets) != list` and refuses a tuple (BPR and other
+    # negative-sampling models failed with "Phases ... and datasets ... should have the same length")
+    samplers = create_samplers(config, dataset, [train_dataset, valid_dataset, test_dataset])
     sequential = config["MODEL_TYPE"] == ModelType.SEQUENTIAL
 
-    history = user_history(train_dataset, config) if sequential and config["mask_history"] else None
+    history = PrefixHistory(train_dataset, config) if sequential and config["mask_history"] else None
+    positions = history.positions if history is not None else None
     if sequential and config["train_positions"] == "all":
         rows = full_sequence_rows(train_dataset, config["MAX_ITEM_LIST_LENGTH"])
         train_dataset = train_dataset.copy(train_dataset.inter_feat[rows])
+        positions = positions[rows] if positions is not None else None
     if config["MODEL_TYPE"] == ModelType.KNOWLEDGE:
         raise UserError("knowledge-aware models: use RecBole's own run_recbole")
     train_data = get_dataloader(config, "train")(config, train_dataset, samplers[0], shuffle=config["shuffle"])
+    train_data.prefix_history = history
+    train_data.prefix_positions = None if positions is None else torch.as_tensor(positions)
 
     loaders = []
     for phase, ds, sampler in (("valid", valid_dataset, samplers[1]), ("test", test_dataset, samplers[2])):

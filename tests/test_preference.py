@@ -179,9 +179,9 @@ def test_stage3_updates_weights_and_resumes_after_interruption(tiny_dataset, tmp
     steps, validations = [], []
     real_step, real_validate = preference.PreferenceTrainer.step_loss, prime.PRIMETrainer.preference_validation
 
-    def counting_step(self, feat, generator):
+    def counting_step(self, feat, generator, masked=None):
         steps.append(len(feat))
-        return real_step(self, feat, generator)
+        return real_step(self, feat, generator, masked)
 
     def validate_then_crash(self, valid_data):
         validations.append(1)
@@ -207,3 +207,42 @@ def test_stage3_updates_weights_and_resumes_after_interruption(tiny_dataset, tmp
     after = torch.load(result["artifacts"]["retriever_refined"], weights_only=True)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+
+
+def test_stage3_candidate_sets_never_hold_earlier_items_under_mask_history(tiny_dataset, tmp_path, monkeypatch):
+    from test_prime import _earlier_minus_answer, _prime_loaders
+    from test_runs import _user_sequences
+
+    from recbole_mm.trainer import preference
+
+    data_path, name = tiny_dataset
+    dataset, train_data, _, trainer = _prime_loaders(data_path, name, tmp_path, mask=True)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(self, log_probs, answers, generator):
+        seen.append(log_probs.clone())
+        raise Stop
+
+    monkeypatch.setattr(preference.CandidateSetSampler, "sample", capture)
+    cfg = trainer.config
+    pref = preference.PreferenceTrainer(trainer.model, cfg, str(tmp_path / "pref"), validate=lambda: {"score": 0.0})
+    real_step = pref.step_loss
+    batches = []
+    pref.step_loss = lambda feat, generator, masked=None: (batches.append(feat), real_step(feat, generator, masked))[1]
+    with pytest.raises(Stop):
+        pref.fit(train_data._dataset, "cpu", history=train_data.prefix_history, positions=train_data.prefix_positions)
+    (feat,), (log_probs,) = batches, seen
+    seqs = _user_sequences(data_path, name, with_time=True)
+    users, items = dataset.field2id_token["user_id"], dataset.field2id_token["item_id"]
+    repeats = 0
+    for r in range(len(feat)):
+        answer = int(feat["item_id"][r])
+        earlier = _earlier_minus_answer(seqs, users, items, int(feat["user_id"][r]), float(feat["timestamp"][r]),
+                                        answer)
+        blocked = {items[i] for i in torch.nonzero(torch.isinf(log_probs[r])).squeeze(1).tolist() if i}
+        assert blocked == earlier  # exactly the prefix's earlier items: never the answer, never a later item
+        repeats += items[answer] in {i for i, t in seqs[users[int(feat["user_id"][r])]] if t < float(feat["timestamp"][r])}
+    assert repeats > 0 and "mask_history" in preference.PREFERENCE_KEYS

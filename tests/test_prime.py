@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 from conftest import tiny_config
@@ -72,3 +73,75 @@ def test_prime_end_to_end_and_resume(tiny_dataset, tmp_path):
     assert {k: v for k, v in second["retriever_test_result"].items()
             if k in first["retriever_test_result"]} == first["retriever_test_result"]
     assert "ndcg@3" in second["test_result"]
+
+
+def _stage_file(artifacts, stage, name):
+    (folder,) = [f for f in os.listdir(artifacts) if f.startswith(stage + "-")]
+    return os.path.join(artifacts, folder, name)
+
+
+def test_stage2_adapter_does_not_depend_on_stage1_running_in_the_same_process(tiny_dataset, tmp_path):
+    import shutil
+
+    data_path, name = tiny_dataset
+    cfg = _prime_config(data_path, tmp_path)
+    artifacts = cfg["artifacts_dir"]
+    first = run_recbole_mm("PRIME", name, config_dict=cfg)  # stage 1 trains here, then stage 2
+    assert not first["stages"]["retriever"].get("reused")
+    adapter = torch.load(_stage_file(artifacts, "ranker", "adapter.pth"), weights_only=True)
+    shutil.rmtree(os.path.dirname(_stage_file(artifacts, "ranker", "adapter.pth")))
+    second = run_recbole_mm("PRIME", name, config_dict=cfg)  # stage 1 reused, stage 2 trained again
+    assert second["stages"]["retriever"].get("reused") and not second["stages"]["ranker"].get("reused")
+    assert second["stages"]["ranker"]["key"] == first["stages"]["ranker"]["key"]
+    again = torch.load(_stage_file(artifacts, "ranker", "adapter.pth"), weights_only=True)
+    assert adapter.keys() == again.keys() and adapter
+    for key in adapter:
+        torch.testing.assert_close(again[key], adapter[key], rtol=0, atol=0)
+    assert second["test_result"] == first["test_result"]
+
+
+def _earlier_minus_answer(seqs, users, items, uid, ts, answer):
+    """Ground truth from the .inter file: the user's items before time ``ts``, minus the answer."""
+    seq = seqs[users[uid]]
+    return {i for i, t in seq if t < ts} - {items[answer]}
+
+
+def _prime_loaders(data_path, name, tmp_path, mask):
+    from recbole_mm.config import Config
+    from recbole_mm.trainer.prime import PRIMETrainer
+    from recbole_mm.utils import create_dataset, data_preparation
+
+    config = Config("PRIME", name, config_dict={**_prime_config(data_path, tmp_path), "mask_history": mask,
+                                                "n_candidates": 10})
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    trainer = PRIMETrainer(config, PRIME(config, train_data._dataset))
+    return dataset, train_data, valid_data, trainer
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_ranker_validation_candidates_follow_mask_history(tiny_dataset, tmp_path, mask):
+    from test_runs import _user_sequences
+
+    from recbole_mm.trainer.prime import RANKER_KEYS
+
+    data_path, name = tiny_dataset
+    dataset, _, valid_data, trainer = _prime_loaders(data_path, name, tmp_path, mask)
+    examples = trainer.validation_examples(valid_data, users=None)
+    feat = valid_data._dataset.inter_feat
+    seqs = _user_sequences(data_path, name, with_time=True)
+    users, items = dataset.field2id_token["user_id"], dataset.field2id_token["item_id"]
+    earlier_candidates = repeated_answer_found = 0
+    rows = torch.randperm(len(feat), generator=torch.Generator().manual_seed(trainer.config["seed"] + 1))
+    for r, j in enumerate(rows.tolist()):
+        answer = int(feat["item_id"][j])
+        earlier = _earlier_minus_answer(seqs, users, items, int(feat["user_id"][j]), float(feat["timestamp"][j]),
+                                        answer)
+        cands = {items[i] for i in examples.candidates[r].tolist()}
+        earlier_candidates += len(cands & earlier)
+        repeated_answer_found += examples.answer_pos[r] >= 0 and items[answer] in {i for i, _ in seqs[users[int(
+            feat["user_id"][j])]] if _ < float(feat["timestamp"][j])}
+    assert (earlier_candidates == 0) == mask
+    if mask:
+        assert repeated_answer_found > 0  # an answer that repeats an earlier item stays a candidate
+    assert "mask_history" in RANKER_KEYS  # the adapter's early stopping depends on it

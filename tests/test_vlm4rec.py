@@ -116,12 +116,15 @@ def test_mask_history_option_decides_whether_history_items_are_ranked(shared, ma
     trainer = get_trainer(config["MODEL_TYPE"], "VLM4Rec")(config, model)
     trainer.tot_item_num = dataset.item_num
     model.eval()
-    interaction, scores, _, _ = trainer._full_sort_batch_eval(next(iter(test_data)))
+    interaction, scores, _, answers = trainer._full_sort_batch_eval(next(iter(test_data)))
     seq = interaction["item_id_list"]
     rows, cols = torch.nonzero(seq, as_tuple=True)
-    history_scores = scores[rows, seq[rows, cols]]
+    items = seq[rows, cols]
+    history_scores = scores[rows, items]
+    repeat = items == answers[rows]  # the answer is never masked, even when it repeats an earlier item
+    assert torch.isfinite(history_scores[repeat]).all()
     if mask:
-        assert torch.isinf(history_scores).all()
+        assert torch.isinf(history_scores[~repeat]).all()
     else:
         assert torch.isfinite(history_scores).all()
 

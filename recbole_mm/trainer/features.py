@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
+
+from recbole.utils import get_local_time
 
 from recbole_mm.errors import CheckpointError
 from recbole_mm.trainer.checkpoint import atomic_save, checkpoint_entries, load_model_state, plain_config, safe_load
@@ -14,11 +18,14 @@ class RecBoleMMTrainerMixin:
     RecBole pickles its ``Config`` into every checkpoint, which ``torch.load`` refuses under
     torch>=2.6 (``weights_only``). Here the config is stored as plain data, so RecBole's own
     loading code (``evaluate(load_best_model=True)``) and :meth:`resume_checkpoint` work with
-    safe loading left on.
+    safe loading left on. Checkpoint names are unique per run (:func:`checkpoint_name`), so two
+    runs started in the same folder in the same second never share (and overwrite) a file.
     """
 
     def __init__(self, config, model):
         super().__init__(config, model)
+        if getattr(self, "saved_model_file", None) and getattr(self, "checkpoint_dir", None):
+            self.saved_model_file = os.path.join(self.checkpoint_dir, checkpoint_name(config["model"]))
         self.epoch_log: list[dict] = []
         self._fit_started = None
 
@@ -100,6 +107,11 @@ class RecBoleMMTrainerMixin:
             "best_epoch": best["epoch"] if best else None,
             "time_to_best_s": best["elapsed_s"] if best else None,
         }
+
+
+def checkpoint_name(model: str) -> str:
+    """``<Model>-<local time>-<pid>-<8 random hex digits>.pth``: RecBole's name made unique per run."""
+    return f"{model}-{get_local_time()}-{os.getpid()}-{secrets.token_hex(4)}.pth"
 
 
 _CACHE: dict[type, type] = {}

@@ -19,7 +19,8 @@ from recbole_mm.trainer.ranker import ranker_autocast
 
 PREFERENCE_KEYS = ("pref_set_likelihood", "pref_beta", "pref_learning_rate", "pref_weight_decay", "pref_dropout",
                    "pref_epochs", "pref_batch_size", "pref_train_examples", "pref_warmup_steps", "pref_max_grad_norm",
-                   "pref_max_tries", "pref_valid_every", "pref_valid_users", "pref_patience", "n_candidates", "seed")
+                   "pref_max_tries", "pref_valid_every", "pref_valid_users", "pref_patience", "n_candidates", "seed",
+                   "mask_history")
 
 
 def set_dropout(module: nn.Module, p: float) -> None:
@@ -92,12 +93,18 @@ class PreferenceTrainer:
         logits = self.retriever.full_sort_predict(feat).view(len(feat), -1).float()
         return logits.masked_fill(torch.arange(logits.size(1), device=logits.device) == 0, float("-inf"))
 
-    def step_loss(self, feat, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """Sample and label the pairs of one batch of prefixes; the loss to minimise and its parts."""
+    def step_loss(self, feat, generator: torch.Generator, masked=None) -> tuple[torch.Tensor, dict]:
+        """Sample and label the pairs of one batch of prefixes; the loss to minimise and its parts.
+
+        ``masked``: (row, item) pairs never put in a candidate set (``mask_history``: each prefix's
+        earlier items, except its answer)."""
         answers = feat[self.model.POS_ITEM_ID]
         self.retriever.eval()
         with torch.no_grad():
-            log_probs = self._logits(feat).log_softmax(1)
+            logits = self._logits(feat)
+            if masked is not None:
+                logits[masked[0].to(logits.device), masked[1].to(logits.device)] = float("-inf")
+            log_probs = logits.log_softmax(1)
         pairs = self.sampler.sample(log_probs, answers, generator)
         for name, n in pairs.counts().items():
             self.counts[name] += n
@@ -117,8 +124,12 @@ class PreferenceTrainer:
                      "history": self.history, "counts": self.counts, "ranker_prompts": self.ranker_prompts,
                      "ranker_batches": self.ranker_batches}, self._progress_path())
 
-    def fit(self, dataset, device) -> dict:
-        """Run stage 3 on the training prefixes of ``dataset``; returns what happened."""
+    def fit(self, dataset, device, history=None, positions=None) -> dict:
+        """Run stage 3 on the training prefixes of ``dataset``; returns what happened.
+
+        With ``history`` (a :class:`~recbole_mm.data.dataloader.PrefixHistory`, given under
+        ``mask_history``) and ``positions`` (the number of earlier items of each row of ``dataset``),
+        a prefix's earlier items, except its answer, are kept out of its candidate sets."""
         cfg = self.config
         n = len(dataset)
         per_epoch = min(n, cfg["pref_train_examples"] or n)
@@ -155,9 +166,14 @@ class PreferenceTrainer:
             for b in range(steps_per_epoch):
                 if epoch * steps_per_epoch + b < start_step:
                     continue
-                feat = dataset.inter_feat[order[b * bs:(b + 1) * bs]].to(device)
+                index = order[b * bs:(b + 1) * bs]
+                feat = dataset.inter_feat[index].to(device)
+                masked = None
+                if history is not None:
+                    masked = history.earlier_items(feat, self.model.ITEM_SEQ, self.model.USER_ID,
+                                                   feat[self.model.POS_ITEM_ID], positions[index])
                 generator = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
-                loss, parts = self.step_loss(feat, generator)
+                loss, parts = self.step_loss(feat, generator, masked)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg["pref_max_grad_norm"]:

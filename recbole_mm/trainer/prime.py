@@ -9,6 +9,7 @@ import time
 
 import torch
 from recbole.trainer import Trainer
+from recbole.utils import init_seed
 
 from recbole_mm.trainer.artifacts import StageStore, dataset_fingerprint, fingerprint
 from recbole_mm.trainer.checkpoint import atomic_save, checkpoint_entries, load_model_state, plain_config, safe_load
@@ -20,7 +21,7 @@ RANKER_KEYS = ("ranker_model", "ranker_small", "ranker_quantization", "ranker_dt
                "image_min_pixels", "image_max_pixels", "ranker_negatives", "ranker_train_examples",
                "ranker_valid_users", "ranker_learning_rate", "ranker_epochs", "ranker_batch_size",
                "ranker_grad_accum", "ranker_warmup_steps", "ranker_valid_every", "ranker_patience",
-               "n_candidates", "seed")
+               "n_candidates", "seed", "mask_history")
 # settings that change what is reported, never the trained weights: not part of a stage's key
 EVALUATION_ONLY_KEYS = ("metrics", "topk", "eval_batch_size", "show_progress", "state", "checkpoint_dir")
 
@@ -109,6 +110,9 @@ class PRIMETrainer(Trainer):
             folder = os.path.join(cfg["artifacts_dir"], f"small-vlm-{fingerprint(cfg['ranker_small'], texts)}")
             name = build_small_vlm(folder, texts, seed=cfg["seed"], min_pixels=cfg["image_min_pixels"],
                                    max_pixels=cfg["image_max_pixels"], **cfg["ranker_small"])
+        # reseed: LoRA's initial weights (and, in train_ranker, training) must depend on the stage key
+        # only, not on whether stage 1 trained or the small model was built in this process
+        init_seed(cfg["seed"], cfg["reproducibility"])
         backbone = load_backbone(BackboneSettings(
             name_or_path=name, quantization=cfg["ranker_quantization"], dtype=cfg["ranker_dtype"],
             lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
@@ -148,11 +152,19 @@ class PRIMETrainer(Trainer):
         users = self.config["ranker_valid_users"] if users == -1 else users
         rows = torch.randperm(len(dataset), generator=generator)[:users]
         feat = dataset.inter_feat[rows]
-        self.model.eval()
-        scores = torch.cat([self.model.retriever_scores(feat[i:i + 512].to(self.device)).cpu()
-                            for i in range(0, len(feat), 512)])
-        candidates = retriever_candidates(scores, self.config["n_candidates"])
         answers = feat[self.model.POS_ITEM_ID]
+        # the run's mask_history: the user's earlier items (never the answer) are not candidates
+        history = getattr(valid_data, "history", None) if self.config["mask_history"] else None
+        self.model.eval()
+        scores = []
+        for i in range(0, len(feat), 512):
+            part = feat[i:i + 512]
+            masked = None
+            if history is not None:
+                masked = history.earlier_items(part, self.model.ITEM_SEQ, self.model.USER_ID, answers[i:i + 512])
+            scores.append(self.model.retriever_scores(part.to(self.device), masked).cpu())
+        scores = torch.cat(scores)
+        candidates = retriever_candidates(scores, self.config["n_candidates"])
         match = candidates == answers.unsqueeze(1)
         answer_pos = torch.where(match.any(1), match.float().argmax(1), torch.full_like(answers, -1))
         return RankerExamples(self.model.histories(feat), candidates, answer_pos)
@@ -172,6 +184,7 @@ class PRIMETrainer(Trainer):
             info = {"reused": True}
         else:
             train, valid = self.training_examples(train_data), self.validation_examples(valid_data)
+            init_seed(self.config["seed"], self.config["reproducibility"])
             best = trainer.fit(train, valid, seed=self.config["seed"])
             info = {"best_valid_ndcg@10_sample": best, "train_prompts": len(train), "valid_users": len(valid),
                     "trainable_share": ranker.backbone.trainable_share, "history": trainer.history}
@@ -201,9 +214,12 @@ class PRIMETrainer(Trainer):
             self.logger.info(f"[PRIME] stage preference: reusing {path}")
             info = {"reused": True, **done}
         else:
+            init_seed(self.config["seed"], self.config["reproducibility"])  # as for stage 2
             trainer = PreferenceTrainer(self.model, self.config, str(folder),
                                         validate=lambda: self.preference_validation(valid_data))
-            info = trainer.fit(train_data._dataset, self.device)
+            history = getattr(train_data, "prefix_history", None) if self.config["mask_history"] else None
+            info = trainer.fit(train_data._dataset, self.device, history=history,
+                               positions=getattr(train_data, "prefix_positions", None))
             atomic_save(self.model.retriever.state_dict(), str(path))
             self.stages.finish("preference", key, info)
         self.model.retriever.load_state_dict(safe_load(str(path), map_location=self.device))
