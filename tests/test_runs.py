@@ -167,7 +167,7 @@ def test_repeated_answer_is_rankable_and_hit_with_mask_history(tmp_path, mask_hi
 
     data_path, name = _repeat_dataset(tmp_path / "data")
     config = Config("SASRec", name, config_dict=tiny_config(data_path, mask_history=mask_history,
-                                                            metrics=["Hit", "NDCG"], topk=[1]))
+                                                            metrics=["Hit", "NDCG"], topk=[1], valid_metric="NDCG@1"))
     dataset = create_dataset(config)
     train_data, _, test_data = data_preparation(config, dataset)
     model = get_model("SASRec")(config, train_data._dataset)
