@@ -66,12 +66,14 @@ N_CANDIDATES = 25
 MAX_HISTORY = 25
 EVAL_BATCH = 4            # PRIME.yaml ranker_eval_batch_size
 IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 3136, 28224   # PRIME.yaml: 56x56 .. 168x168
-# Expected seconds per billion parameters of each phase on one H100/H200 (rough, from the costs:
-# writing/reading bf16 weights at a few GB/s, HF eager decoding at ~20-40 ms per token for 7B);
-# used only to skip a phase that would not fit in the budget.
-EXPECTED_S_PER_B = {"build": 4.0, "load": 3.0, "train": 1.0, "eval": 1.0, "verbalizer": 0.3,
-                    "letters": 2.0, "titles": 6.0}
-EXPECTED_FLOOR_S = 0.5
+# Expected cost of each phase on one H100/H200, seconds = fixed + per_b * (billions of parameters),
+# per repetition (generation: per new token). Rough figures from the costs: bf16 weights written and
+# read at a few GB/s; a training step at ~3k tokens ~6 * params * tokens FLOPs at a fraction of peak;
+# Hugging Face eager decoding ~30 ms per token of kernel-launch overhead plus the weights' memory
+# traffic. Used only to skip a phase that would not fit in --budget_s; with the defaults the four
+# models in both precisions are expected to take ~6 minutes.
+EXPECTED_S = {"build": (3.0, 3.0), "load": (3.0, 2.5), "train": (0.3, 0.15), "eval": (0.3, 0.2),
+              "verbalizer": (0.1, 0.05), "letters": (0.03, 0.006), "titles": (0.03, 0.006)}
 
 
 @dataclass
@@ -279,7 +281,10 @@ def write_checkpoint(spec: ModelSpec, out_dir: str, texts: list[str], smoke: boo
     tokenizer.save_pretrained(out_dir)
     if spec.family in ("qwen2_vl", "qwen2_5_vl"):
         # the processor's parts as Qwen2VLProcessor lays them out (its save_pretrained needs torchvision)
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        try:
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        except ImportError:  # transformers without the split PIL image processors
+            from transformers import Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
 
         Qwen2VLImageProcessorPil(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS, patch_size=14,
                                  temporal_patch_size=2, merge_size=2).save_pretrained(out_dir)
@@ -290,7 +295,10 @@ def write_checkpoint(spec: ModelSpec, out_dir: str, texts: list[str], smoke: boo
             f.write(template)
     elif spec.family == "llava":
         from transformers import LlavaProcessor
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        try:
+            from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        except ImportError:  # transformers without the split PIL image processors
+            from transformers import CLIPImageProcessor as CLIPImageProcessorPil
 
         size = config.vision_config.image_size
         images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
@@ -330,8 +338,23 @@ class Budget:
         return expected_s <= self.left()
 
 
-def expected_cost(phase: str, n_params: int, reps: int = 1) -> float:
-    return max(EXPECTED_FLOOR_S, EXPECTED_S_PER_B[phase] * n_params / 1e9) * reps
+def expected_cost(phase: str, n_params: int, reps: int = 1, tokens: int = 1) -> float:
+    """Expected seconds of ``reps`` repetitions of a phase (``tokens`` new tokens for generation)."""
+    fixed, per_b = EXPECTED_S[phase]
+    return (fixed + per_b * n_params / 1e9) * reps * tokens
+
+
+def expected_total(specs, precisions, reps: int, gen_reps: int, answer_tokens=(50, 150)) -> float:
+    """Expected seconds of a whole run (the cost model above): what --budget_s is sized from."""
+    total = 0.0
+    for spec in specs:
+        n = PUBLISHED_PARAMS[spec.key]
+        total += expected_cost("build", n)
+        for _ in precisions:
+            total += expected_cost("load", n) + expected_cost("train", n, reps + 1)
+            total += expected_cost("eval", n, reps + 1) + expected_cost("verbalizer", n, reps + 1)
+            total += sum(expected_cost(k, n, gen_reps, tokens=t + 2) for k, t in zip(("letters", "titles"), answer_tokens))
+    return total
 
 
 class Meter:
@@ -478,7 +501,7 @@ def measure(spec: ModelSpec, folder: str, precision: str, store, requests, args,
             save()
         for kind, answer in answers.items():
             n = len(ranker.tokenizer(answer, add_special_tokens=False)["input_ids"])
-            if not phase(kind, expected_cost(kind, n_params, args.gen_reps) * n / 50):
+            if not phase(kind, expected_cost(kind, n_params, args.gen_reps, tokens=n + 2)):  # + warm-up
                 continue
             new = []
 
@@ -523,7 +546,8 @@ def render_markdown(results: dict) -> str:
              f"{'SMOKE RUN (tiny models on the CPU: tests the machinery, not the numbers). ' if results['smoke'] else ''}"
              f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, bitsandbytes "
              f"{env['bitsandbytes']}; load average {env['loadavg']}; budget {results['budget_s']} s, "
-             f"elapsed {results['elapsed_s']:.0f} s{' (stopped by the budget)' if results['stopped'] else ''}. "
+             f"elapsed {results['elapsed_s']:.0f} s{' (stopped by the budget)' if results['stopped'] else ''}"
+             f"{'' if results.get('expected_s') is None else ' (cost model: %.0f s)' % results['expected_s']}. "
              f"Random weights, architecture of the hub checkpoint; LoRA r=8 on every language-model linear layer; "
              f"{N_CANDIDATES} candidates, last {results['history']} history items; times are medians of {results['reps']} "
              f"(generation {results['gen_reps']}), CUDA synchronised; peaks are torch.cuda.max_memory_allocated "
@@ -641,12 +665,12 @@ def run(args) -> dict:
     budget = Budget(args.budget_s)
     specs = [s for s in MODELS if s.key in args.models]
     env = environment(device)
-    out = args.out or os.path.join("benchmarks", "results",
-                                   f"gpu_suite_{'smoke' if args.smoke else gpu_slug(env['device'])}")
+    out = args.out or os.path.join(args.out_dir, f"gpu_suite_{'smoke' if args.smoke else gpu_slug(env['device'])}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     results = {"command": "python benchmarks/gpu_suite.py " + " ".join(args.argv), "smoke": args.smoke,
                "environment": env, "budget_s": args.budget_s, "history": args.history, "reps": args.reps, "gen_reps": args.gen_reps,
-               "elapsed_s": 0.0, "stopped": False, "rows": [], "published_params": PUBLISHED_PARAMS}
+               "elapsed_s": 0.0, "stopped": False,
+               "expected_s": None if args.smoke else expected_total(specs, args.precisions, args.reps, args.gen_reps), "rows": [], "published_params": PUBLISHED_PARAMS}
 
     def save():
         results["elapsed_s"] = budget.clock() - budget.start
@@ -673,6 +697,9 @@ def run(args) -> dict:
             folder = os.path.join(work, spec.key)
             start = time.perf_counter()
             built = write_checkpoint(spec, folder, texts, args.smoke, device)
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
             for r in rows:
                 r.update(parameters=built, build_s=time.perf_counter() - start)
             save()
@@ -698,12 +725,14 @@ def parse_args(argv=None):
     parser.add_argument("--models", default=",".join(MODEL_KEYS), help=f"comma-separated subset of {MODEL_KEYS}")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="nf4,bf16 or one of them")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up)")
-    parser.add_argument("--gen_reps", type=int, default=2, help="timed repetitions of each generation")
+    parser.add_argument("--gen_reps", type=int, default=1,
+                        help="timed repetitions of each generation (each one averages 50 or ~150 decoding steps)")
     parser.add_argument("--eval_batch", type=int, default=EVAL_BATCH)
     parser.add_argument("--history", type=int, default=MAX_HISTORY,
                         help=f"history items shown in a prompt (PRIME: {MAX_HISTORY}; fewer only to shorten a smoke run)")
-    parser.add_argument("--out", default=None, help="results path without extension "
-                                                    "(default benchmarks/results/gpu_suite_<gpu>)")
+    parser.add_argument("--out_dir", default=os.path.join("benchmarks", "results"),
+                        help="folder of the results, named gpu_suite_<gpu>.md/.json (gpu_suite_smoke with --smoke)")
+    parser.add_argument("--out", default=None, help="results path without extension (overrides --out_dir)")
     parser.add_argument("--work_dir", default=None, help="scratch folder for the checkpoints (default /dev/shm "
                                                          "when it has room, else the temp dir)")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -733,6 +762,9 @@ def main(argv=None) -> int:
         for key, built, published in check_params():
             bad += built != published
             print(f"{key:15s} built {built:>14,}  published {published:>14,}  {'ok' if built == published else 'MISMATCH'}")
+        specs = [s for s in MODELS if s.key in args.models]
+        print(f"expected GPU run time with these options: "
+              f"{expected_total(specs, args.precisions, args.reps, args.gen_reps):.0f} s")
         return 1 if bad else 0
     run(args)
     return 0
