@@ -416,6 +416,7 @@ def measure(spec: ModelSpec, folder: str, precision: str, store, requests, args,
     skipped = row.setdefault("skipped", [])
 
     def phase(name, cost) -> bool:
+        row["phase"] = name
         if budget.fits(cost):
             return True
         skipped.append(name)
@@ -553,7 +554,7 @@ def render_markdown(results: dict) -> str:
              f"(generation {results['gen_reps']}), CUDA synchronised; peaks are torch.cuda.max_memory_allocated "
              f"in the phase.", "",
              "| model (method) | parameters | precision | prompt tokens (images) | load s / peak GiB | "
-             "train step s / peak GiB | train prompts/s | eval batch s / peak GiB | eval prompts/s | skipped |",
+             "train step s / peak GiB | train prompts/s | eval batch s / peak GiB | eval prompts/s | skipped / error |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         lines.append(
@@ -563,7 +564,8 @@ def render_markdown(results: dict) -> str:
             f"{_f(r.get('train_step_s'))} / {_f(r.get('train_peak_gib'), '{:.2f}')} | "
             f"{_f(r.get('train_prompts_per_s'), '{:.2f}')} | "
             f"{_f(r.get('eval_batch_s'))} / {_f(r.get('eval_peak_gib'), '{:.2f}')} | "
-            f"{_f(r.get('eval_prompts_per_s'), '{:.2f}')} | {', '.join(r.get('skipped', [])) or '-'} |")
+            f"{_f(r.get('eval_prompts_per_s'), '{:.2f}')} | "
+            f"{'; '.join(r.get('skipped', []) + ([r['error']] if r.get('error') else [])) or '-'} |")
     lines += ["", "Verbalizer (one forward pass) vs greedy generation of the ranked letters and of the titles, "
                   "same encoded prompt, batch 1:", "",
               "| model | precision | verbalizer s | letters s (new tokens) | letters / verbalizer | "
@@ -619,6 +621,13 @@ def environment(device: str) -> dict:
     return {"device": name, "torch": torch.__version__, "transformers": version("transformers"),
             "peft": version("peft"), "bitsandbytes": version("bitsandbytes"), "python": platform.python_version(),
             "loadavg": load}
+
+
+def _error(phase: str, e: BaseException) -> str:
+    import traceback
+
+    traceback.print_exception(e)
+    return f"{phase}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def _write(path: str, text: str):
@@ -695,17 +704,31 @@ def run(args) -> dict:
                 save()
                 continue
             folder = os.path.join(work, spec.key)
-            start = time.perf_counter()
-            built = write_checkpoint(spec, folder, texts, args.smoke, device)
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            for r in rows:
-                r.update(parameters=built, build_s=time.perf_counter() - start)
-            save()
             try:
+                start = time.perf_counter()
+                try:
+                    built = write_checkpoint(spec, folder, texts, args.smoke, device)
+                except Exception as e:  # one broken model must not cost the others' measurements
+                    for r in rows:
+                        r["error"] = _error("build", e)
+                    save()
+                    continue
+                finally:
+                    gc.collect()
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
                 for r in rows:
-                    measure(spec, folder, r["precision"], store, requests, args, device, budget, built, r, save)
+                    r.update(parameters=built, build_s=time.perf_counter() - start)
+                save()
+                for r in rows:
+                    try:
+                        measure(spec, folder, r["precision"], store, requests, args, device, budget, built, r, save)
+                    except Exception as e:  # e.g. out of memory: record it, go on with the next
+                        r["error"] = _error(r.get("phase", "?"), e)
+                        save()
+                        gc.collect()
+                        if device == "cuda":
+                            torch.cuda.empty_cache()
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         save()

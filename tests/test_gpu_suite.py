@@ -75,7 +75,7 @@ def test_smoke_run_measures_every_model_in_both_precisions(smoke):
     rows = results["rows"]
     assert [(r["model"], r["precision"]) for r in rows] == [(m, p) for m in PUBLISHED for p in ("nf4", "bf16")]
     for r in rows:
-        assert r["skipped"] == [], r
+        assert r["skipped"] == [] and "error" not in r, r
         for key in ("build_s", "load_s", "train_step_s", "eval_batch_s", "verbalizer_s", "letters_s", "titles_s"):
             assert r[key] > 0, (r["model"], key)
         assert r["train_prompts_per_s"] == pytest.approx(1 / r["train_step_s"])
@@ -128,6 +128,23 @@ def test_budget_stops_cleanly_and_writes_what_it_has(suite, tmp_path):
     now[0] = 4.0
     assert budget.fits(6.0) and not budget.fits(6.5)
     assert suite.Budget(None).fits(1e9)
+
+
+def test_a_failing_model_is_recorded_and_the_run_goes_on(suite, tmp_path, monkeypatch):
+    calls = []
+
+    def measure(spec, folder, precision, *args):
+        calls.append((spec.key, precision))
+        args[-2]["phase"] = "train"  # (..., row, save)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(suite, "measure", measure)
+    args = suite.parse_args(["--smoke", "--models", "llama-2-7b", "--out", str(tmp_path / "r"),
+                             "--work_dir", str(tmp_path / "w")])
+    results = suite.run(args)
+    assert calls == [("llama-2-7b", "nf4"), ("llama-2-7b", "bf16")]  # the second precision still ran
+    assert [r["error"] for r in results["rows"]] == ["train: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"] * 2
+    assert "train: RuntimeError: CUDA out of memory" in (tmp_path / "r.md").read_text(encoding="utf-8")
 
 
 def test_default_run_is_sized_for_eight_minutes(suite):
