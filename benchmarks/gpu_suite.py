@@ -627,7 +627,8 @@ def _error(phase: str, e: BaseException) -> str:
     import traceback
 
     traceback.print_exception(e)
-    return f"{phase}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{phase}: {type(e).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
 
 
 def _write(path: str, text: str):
