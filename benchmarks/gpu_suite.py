@@ -65,6 +65,7 @@ PRECISIONS = ("nf4", "bf16")
 N_CANDIDATES = 25
 MAX_HISTORY = 25
 EVAL_BATCH = 4            # PRIME.yaml ranker_eval_batch_size
+ANCHOR_ITEM = 0           # the most recent history item of every prompt
 IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 3136, 28224   # PRIME.yaml: 56x56 .. 168x168
 # Expected cost of each phase on one H100/H200, seconds = fixed + per_b * (billions of parameters),
 # per repetition (generation: per new token). Rough figures from the costs: bf16 weights written and
@@ -222,15 +223,16 @@ def make_items(work_dir: str, smoke: bool):
 
 
 def make_requests(n_items: int, n: int, seed: int = 0):
-    """``n`` (history, candidates, answer position) triples: 25 history items and 25 other candidates."""
+    """``n`` (history, candidates, answer position) triples: 25 history items and 25 other candidates.
+    Every history ends with item 0 (the most recent item: the one LLaVA-1.5 sees as an image)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        perm = torch.randperm(n_items, generator=g)
-        history = perm[:MAX_HISTORY].tolist()
-        cands = perm[MAX_HISTORY:MAX_HISTORY + N_CANDIDATES]
+        perm = (torch.randperm(n_items - 1, generator=g) + 1).tolist()
+        history = perm[:MAX_HISTORY - 1] + [ANCHOR_ITEM]
+        cands = torch.tensor(perm[MAX_HISTORY - 1:MAX_HISTORY - 1 + N_CANDIDATES])
         out.append((history, cands, int(torch.randint(N_CANDIDATES, (1,), generator=g))))
     return out
 
@@ -437,7 +439,7 @@ def measure(spec: ModelSpec, folder: str, precision: str, store, requests, args,
                linear4bit=sum(type(m).__name__ == "Linear4bit" for m in backbone.model.modules()))
     save()
     history0 = requests[0][0]
-    view = OneImageStore(store, history0[-1]) if spec.one_image else store
+    view = OneImageStore(store, ANCHOR_ITEM) if spec.one_image else store
     settings = PromptSettings(max_history=args.history, attr_max_tokens=32, variant="full")
     ranker = LMMRanker(backbone, view, settings, device=device)
     model = ranker.model
@@ -482,6 +484,7 @@ def measure(spec: ModelSpec, folder: str, precision: str, store, requests, args,
             row["eval_peak_gib"] = meter.peak_gib()
             row["eval_prompts_per_s"] = len(batch) / row["eval_batch_s"]
             row["eval_scores_shape"] = list(scores[-1].shape)
+            row["eval_images"] = sum(len(ranker._render(h, c.tolist())[1]) for h, c in zip(hists, cand_rows))
             save()
         # verbalizer vs generation on the same encoded prompt
         letters = index_letters(N_CANDIDATES)

@@ -104,6 +104,8 @@ def test_smoke_prompts_follow_each_model(smoke):
     assert rows[("qwen2.5-vl-3b", "bf16")]["images_per_prompt"] == 5 + 25
     assert rows[("llama-2-7b", "nf4")]["images_per_prompt"] == 0         # text only
     assert rows[("llava-1.5-7b", "nf4")]["images_per_prompt"] == 1       # one image per prompt
+    assert rows[("llava-1.5-7b", "bf16")]["eval_images"] == 4            # ... in every prompt of the batch
+    assert rows[("qwen2-vl-2b", "nf4")]["eval_images"] == 4 * 30
     assert rows[("llama-2-7b", "nf4")]["prompt_tokens"] == rows[("llama-2-7b", "bf16")]["prompt_tokens"] > 300
 
 
