@@ -111,13 +111,33 @@ def _mrope(head_dim: int) -> list[int]:
     return [half - 2 * hw, hw, hw]
 
 
-def build_config(spec: ModelSpec, smoke: bool = False, ids: dict | None = None, vocab: int | None = None):
+def build_config(spec: ModelSpec, smoke: bool = False, ids: dict | None = None, vocab: int | None = None,
+                 layers: int | None = None):
     """The transformers config of ``spec``: the published architecture (``smoke=False``; vocabulary
     size as published) or a tiny one of the same classes (``smoke=True``; ``vocab`` rows).
-    ``ids`` maps special-token strings to the tokenizer's ids (ids of the real vocabulary if None)."""
+    ``ids`` maps special-token strings to the tokenizer's ids (ids of the real vocabulary if None).
+    ``layers``: keep only that many transformer layers / vision blocks (a CPU dry run of the full widths)."""
+    config = _build_config(spec, smoke, ids or {}, vocab)
+    if layers:
+        text = getattr(config, "text_config", config)
+        text.num_hidden_layers = layers
+        if hasattr(text, "max_window_layers"):
+            text.max_window_layers = layers
+        if hasattr(text, "layer_types"):
+            text.layer_types = list(text.layer_types)[:layers]
+        vision = getattr(config, "vision_config", None)
+        if vision is not None and hasattr(vision, "depth"):
+            vision.depth = layers
+            if hasattr(vision, "fullatt_block_indexes"):
+                vision.fullatt_block_indexes = [i for i in vision.fullatt_block_indexes if i < layers] or [layers - 1]
+        elif vision is not None:
+            vision.num_hidden_layers = max(layers, 2)  # LLaVA reads the second-to-last layer
+    return config
+
+
+def _build_config(spec: ModelSpec, smoke: bool, ids: dict, vocab: int | None):
     from transformers import LlamaConfig, LlavaConfig, Qwen2_5_VLConfig, Qwen2VLConfig
 
-    ids = ids or {}
     if spec.family in ("qwen2_vl", "qwen2_5_vl"):
         q = {k: ids.get(k, d) for k, d in [("<|endoftext|>", 151643), ("<|im_end|>", 151645),
                                            ("<|vision_start|>", 151652), ("<|vision_end|>", 151653),
@@ -251,7 +271,8 @@ def tokenizer_texts(store) -> list[str]:
     return texts + answers + [str(store.attributes(i).get("title", "")) for i in store.item_ids()]
 
 
-def write_checkpoint(spec: ModelSpec, out_dir: str, texts: list[str], smoke: bool, device: str) -> int:
+def write_checkpoint(spec: ModelSpec, out_dir: str, texts: list[str], smoke: bool, device: str,
+                     layers: int | None = None) -> int:
     """Write config, random weights, tokenizer and processor of ``spec`` to ``out_dir``; returns the
     parameter count (checked against the published one for full-size models)."""
     import torch
@@ -269,13 +290,13 @@ def write_checkpoint(spec: ModelSpec, out_dir: str, texts: list[str], smoke: boo
     if len(set(ids.values())) != len(ids) or max(ids.values()) >= len(tokenizer):
         raise RuntimeError(f"special tokens did not get distinct ids: {ids}")
     ids.update({"<s>": ids["<|endoftext|>"], "</s>": ids["<|im_end|>"], "<pad>": ids["<|endoftext|>"]})
-    config = build_config(spec, smoke=smoke, ids=ids, vocab=max(1000, len(tokenizer)))
+    config = build_config(spec, smoke=smoke, ids=ids, vocab=max(1000, len(tokenizer)), layers=layers)
     dtype = torch.float32 if smoke else torch.bfloat16
     torch.manual_seed(0)
     with torch.device(device):
         model = auto_class(spec).from_config(config, dtype=dtype)
     n_params = model.num_parameters()
-    if not smoke and n_params != PUBLISHED_PARAMS[spec.key]:
+    if not smoke and not layers and n_params != PUBLISHED_PARAMS[spec.key]:
         raise RuntimeError(f"{spec.key}: built {n_params:,} parameters, the published checkpoint has "
                            f"{PUBLISHED_PARAMS[spec.key]:,}: fix build_config in benchmarks/gpu_suite.py")
     model.save_pretrained(out_dir)
@@ -548,6 +569,7 @@ def render_markdown(results: dict) -> str:
     lines = [f"# GPU measurement suite: {env['device']}", "",
              f"Command: `{results['command']}`", "",
              f"{'SMOKE RUN (tiny models on the CPU: tests the machinery, not the numbers). ' if results['smoke'] else ''}"
+             f"{'DRY RUN (full widths, %s layers: tests the shapes, not the numbers). ' % results['dry_layers'] if results.get('dry_layers') else ''}"
              f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, bitsandbytes "
              f"{env['bitsandbytes']}; load average {env['loadavg']}; budget {results['budget_s']} s, "
              f"elapsed {results['elapsed_s']:.0f} s{' (stopped by the budget)' if results['stopped'] else ''}"
@@ -668,7 +690,7 @@ def check_params() -> list[tuple[str, int, int]]:
 def run(args) -> dict:
     import torch
 
-    if args.smoke:
+    if args.smoke or (args.dry_layers and not torch.cuda.is_available()):
         device = "cpu"
     elif not torch.cuda.is_available():
         raise SystemExit("gpu_suite: no CUDA device found; run with --smoke on a CPU (tiny models), "
@@ -678,9 +700,11 @@ def run(args) -> dict:
     budget = Budget(args.budget_s)
     specs = [s for s in MODELS if s.key in args.models]
     env = environment(device)
-    out = args.out or os.path.join(args.out_dir, f"gpu_suite_{'smoke' if args.smoke else gpu_slug(env['device'])}")
+    kind = "smoke" if args.smoke else f"dry{args.dry_layers}_{gpu_slug(env['device'])}" if args.dry_layers else gpu_slug(env["device"])
+    out = args.out or os.path.join(args.out_dir, f"gpu_suite_{kind}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     results = {"command": "python benchmarks/gpu_suite.py " + " ".join(args.argv), "smoke": args.smoke,
+               "dry_layers": args.dry_layers,
                "environment": env, "budget_s": args.budget_s, "history": args.history, "reps": args.reps, "gen_reps": args.gen_reps,
                "elapsed_s": 0.0, "stopped": False,
                "expected_s": None if args.smoke else expected_total(specs, args.precisions, args.reps, args.gen_reps), "rows": [], "published_params": PUBLISHED_PARAMS}
@@ -691,7 +715,7 @@ def run(args) -> dict:
         _write(out + ".json", json.dumps(results, indent=2) + "\n")
         _write(out + ".md", render_markdown(results))
 
-    need = 0 if args.smoke else 2 * max(PUBLISHED_PARAMS[s.key] for s in specs) + (1 << 30)
+    need = 0 if args.smoke or args.dry_layers else 2 * max(PUBLISHED_PARAMS[s.key] for s in specs) + (1 << 30)
     work = scratch_dir(args.work_dir, need)
     try:
         store = make_items(os.path.join(work, "data"), args.smoke)
@@ -711,7 +735,7 @@ def run(args) -> dict:
             try:
                 start = time.perf_counter()
                 try:
-                    built = write_checkpoint(spec, folder, texts, args.smoke, device)
+                    built = write_checkpoint(spec, folder, texts, args.smoke, device, args.dry_layers)
                 except Exception as e:  # one broken model must not cost the others' measurements
                     for r in rows:
                         r["error"] = _error("build", e)
@@ -755,6 +779,9 @@ def parse_args(argv=None):
     parser.add_argument("--gen_reps", type=int, default=1,
                         help="timed repetitions of each generation (each one averages 50 or ~150 decoding steps)")
     parser.add_argument("--eval_batch", type=int, default=EVAL_BATCH)
+    parser.add_argument("--dry_layers", type=int, default=None,
+                        help="full widths but only this many layers (a CPU dry run of the real shapes: "
+                             "vocabularies, image sizes, vision towers); no parameter check")
     parser.add_argument("--history", type=int, default=MAX_HISTORY,
                         help=f"history items shown in a prompt (PRIME: {MAX_HISTORY}; fewer only to shorten a smoke run)")
     parser.add_argument("--out_dir", default=os.path.join("benchmarks", "results"),
@@ -777,13 +804,21 @@ def parse_args(argv=None):
         parser.error("--reps, --gen_reps and --eval_batch must be at least 1")
     if not 0 <= args.history <= MAX_HISTORY:
         parser.error(f"--history must be between 0 and {MAX_HISTORY}, got {args.history}")
+    if args.dry_layers is not None and args.dry_layers < 1:
+        parser.error(f"--dry_layers must be at least 1, got {args.dry_layers}")
+    if args.smoke and args.dry_layers:
+        parser.error("--smoke and --dry_layers exclude each other")
     if args.budget_s is not None and args.budget_s < 0:
         parser.error(f"--budget_s must be >= 0, got {args.budget_s}")
     return args
 
 
 def main(argv=None) -> int:
+    import signal
+
     args = parse_args(argv)
+    # a run stopped from outside (kill, a timeout) still removes its scratch checkpoints
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.check_params:
         bad = 0
         for key, built, published in check_params():

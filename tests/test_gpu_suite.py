@@ -70,6 +70,19 @@ def test_full_configs_have_the_published_parameter_counts(suite):
         assert suite.count_parameters(spec) == PUBLISHED[spec.key], spec.key
 
 
+def test_dry_run_configs_keep_the_full_widths(suite):
+    for spec in suite.MODELS:
+        full, dry = suite.build_config(spec), suite.build_config(spec, layers=1)
+        text_full, text_dry = getattr(full, "text_config", full), getattr(dry, "text_config", dry)
+        assert (text_dry.hidden_size, text_dry.vocab_size) == (text_full.hidden_size, text_full.vocab_size)
+        assert text_full.num_hidden_layers >= 28 and text_dry.num_hidden_layers == 1
+        vision = getattr(dry, "vision_config", None)
+        if spec.family == "qwen2_5_vl":
+            assert vision.depth == 1 and vision.fullatt_block_indexes == [0]
+        if spec.family == "llava":  # LLaVA reads the second-to-last CLIP layer: two are kept
+            assert vision.num_hidden_layers == 2 and vision.image_size == 336
+
+
 def test_smoke_run_measures_every_model_in_both_precisions(smoke):
     results, markdown, _ = smoke
     rows = results["rows"]
