@@ -31,14 +31,15 @@ def resolve_config_file(name: str) -> str:
 
 
 class Config(RecBoleConfig):
-    """RecBole's ``Config`` with three changes, each small and named:
+    """RecBole's ``Config`` with these changes, each small and named:
 
     - a config file may be named by a shipped preset (``--config_files=prime-cpu``);
     - model names resolve through :func:`recbole_mm.utils.get_model` (plugin first, then RecBole);
     - our ``overall.yaml``, ``model/<Model>.yaml`` and ``dataset/<name>.yaml`` are layered on top of
       RecBole's internal defaults (so user files, ``config_dict`` and the command line still win);
     - command-line overrides come from ``argv`` (a list of ``--key=value``), not from ``sys.argv``,
-      so that library calls (tests, tuning) are not influenced by the host process's arguments.
+      so that library calls (tests, tuning) are not influenced by the host process's arguments;
+    - unknown keys in any source warn with the closest known key (``strict_config: True``: error).
 
     A CE-loss model gets ``train_neg_sample_args: None`` unless the user set it, which is what
     RecBole requires for CE and what its own quick-start examples write by hand.
@@ -46,8 +47,21 @@ class Config(RecBoleConfig):
 
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, argv=None):
         self._argv = list(argv or [])
-        super().__init__(model, dataset, [resolve_config_file(f) for f in config_file_list or []] or None,
-                         config_dict)
+        files = [resolve_config_file(f) for f in config_file_list or []]
+        super().__init__(model, dataset, files or None, config_dict)
+        self._check_unknown_keys(files)
+
+    def _check_unknown_keys(self, files):
+        """Unknown keys in the files, ``config_dict`` or command line: warn (``strict_config``: error)."""
+        from recbole_mm.config_keys import check_keys
+
+        sources = {}
+        for path in files:
+            single = self._load_config_files([path])
+            sources[f"config file {path}"] = single
+        sources["config_dict"] = self.variable_config_dict
+        sources["command line"] = self.cmd_config_dict
+        check_keys(sources, strict=bool(self.final_config_dict.get("strict_config")))
 
     def _load_cmd_line(self):
         cmd = {}

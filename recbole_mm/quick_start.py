@@ -12,6 +12,7 @@ import torch
 from recbole.utils import init_logger, init_seed
 
 from recbole_mm.config import Config
+from recbole_mm.preflight import preflight
 from recbole_mm.utils import create_dataset, data_preparation, get_model, get_trainer
 
 
@@ -70,6 +71,8 @@ def run_recbole_mm(model=None, dataset=None, config_file_list=None, config_dict=
     init_logger(config)
     logger = getLogger()
     logger.info(sys.argv)
+    # every stage's inputs are resolved before anything trains (and before the long config listing)
+    logger.info(f"[preflight] checked: {', '.join(preflight(config))}")
     logger.info(config)
     return _train_and_evaluate(config, saved=saved, resume=resume)
 
@@ -77,6 +80,7 @@ def run_recbole_mm(model=None, dataset=None, config_file_list=None, config_dict=
 def objective_function(config_dict=None, config_file_list=None, saved=True, argv=None) -> dict:
     """Objective for RecBole's ``HyperTuning``: one quiet run, returns RecBole's result dict."""
     config = Config(config_dict=config_dict, config_file_list=config_file_list, argv=argv)
+    preflight(config)
     init_seed(config["seed"], config["reproducibility"])
     logger = getLogger()
     for handler in logger.handlers[:]:

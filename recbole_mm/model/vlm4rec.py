@@ -64,7 +64,9 @@ def _generated(config, store) -> tuple[dict[str, str], dict | None]:
     from recbole_mm.lmm.describer import (DescriberSettings, DescriptionCache, attributes_text, generate_descriptions,
                                           load_describer)
 
-    folder = config["description_dir"] or config["data_path"]
+    from recbole_mm.paths import description_dir
+
+    folder = description_dir(config, config["description_tag"])
     cache = DescriptionCache(folder, config["dataset"], config["description_tag"])
     stats = None
     if config["generate_descriptions"]:
@@ -107,7 +109,9 @@ def build_item_representations(config, dataset) -> dict:
     logger = getLogger()
     fusion = config["fusion"]
     store = ItemStore.from_recbole(config, dataset)
-    cache_dir = config["embedding_cache_dir"] or os.path.join(config["data_path"], "vlm4rec_cache")
+    from recbole_mm.paths import embedding_cache_dir
+
+    cache_dir = str(embedding_cache_dir(config))
     name, n, device = config["dataset"], len(store), config["device"]
     out: dict = {"text": None, "image": None, "info": {}}
 

@@ -210,10 +210,14 @@ class PRIMETrainer(Trainer):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.saved_model_file = None  # PRIME's weights are its stage artefacts (see extra_results)
-        self.train_retriever()
-        self.train_ranker(train_data, valid_data)
-        if self.config["preference_optimization"]:
-            self.optimize_retriever(train_data, valid_data)
+        try:
+            self.train_retriever()
+            self.train_ranker(train_data, valid_data)
+            if self.config["preference_optimization"]:
+                self.optimize_retriever(train_data, valid_data)
+        except BaseException:
+            self.stages.remove_unfinished_empty()  # a stage that failed early leaves no empty folder
+            raise
         self._phase = "valid"
         result = self.evaluate(valid_data, load_best_model=False, show_progress=show_progress)
         self._phase = "test"
