@@ -42,6 +42,7 @@ def _train_and_evaluate(config, saved: bool, resume: str | None, verbose: bool =
     result = {
         "model": config["model"],
         "dataset": config["dataset"],
+        "seed": config["seed"],
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": dict(best_valid_result or {}),
@@ -51,6 +52,7 @@ def _train_and_evaluate(config, saved: bool, resume: str | None, verbose: bool =
         **trainer.timing_summary(),
         **(trainer.extra_results() if hasattr(trainer, "extra_results") else {}),
         **peak_memory_mb(),
+        "test_per_user": getattr(trainer, "last_per_user", {}),
     }
     logger.info(f"best valid : {result['best_valid_result']}")
     logger.info(f"test result: {result['test_result']}")

@@ -121,8 +121,9 @@ def _check_dataset_files(config):
 
     name = config["dataset"]
     make = (how_to_get(name) if name in PREPARERS else
-            f"prepare it first (`recbole-mm-data prepare NAME` for {', '.join(PREPARERS)}; "
-            f"`recbole-mm-data convert-amazon` for another Amazon 2014 category)")
+            f"write its atomic files (`recbole-mm-data convert-amazon --name {name} ...` converts an Amazon "
+            f"2014 category; `recbole-mm-data prepare` makes {', '.join(PREPARERS)}; RecBole's own names "
+            f"such as amazon-beauty are downloaded by RecBole)")
     raise FileNotFoundError(
         f"dataset {name!r}: no interaction file at {inter}. To make it, {make}; or point "
         f"--data_path=DIR at the folder that holds {name}/{name}.inter")
