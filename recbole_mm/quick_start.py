@@ -80,14 +80,21 @@ def run_recbole_mm(model=None, dataset=None, config_file_list=None, config_dict=
 
 
 def objective_function(config_dict=None, config_file_list=None, saved=True, argv=None) -> dict:
-    """Objective for RecBole's ``HyperTuning``: one quiet run, returns RecBole's result dict."""
+    """Objective for RecBole's ``HyperTuning``: one run, quiet on the console, with its own log file
+    (``log/<model>/<model>-<dataset>-<time>-<hash>.log``, as RecBole's ``objective_function``) and
+    tensorboard run of the same name; returns RecBole's result dict."""
     config = Config(config_dict=config_dict, config_file_list=config_file_list, argv=argv)
     preflight(config)
     init_seed(config["seed"], config["reproducibility"])
     logger = getLogger()
     for handler in logger.handlers[:]:
         logger.removeHandler(handler)
-    logging.basicConfig(level=logging.ERROR)
+        handler.close()
+    init_logger(config)
+    for handler in logger.handlers:
+        if not hasattr(handler, "baseFilename"):  # the console: errors only; the file keeps everything
+            handler.setLevel(logging.ERROR)
+    logger.info(config)
     return _train_and_evaluate(config, saved=saved, resume=None, verbose=False)
 
 

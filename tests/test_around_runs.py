@@ -189,3 +189,87 @@ def test_caches_default_under_working_directory_saved(tmp_path):
     mine = Config(model="VLM4Rec", dataset="ds", config_dict={"data_path": str(tmp_path)})
     (tmp_path / "ds" / "ds.descriptions.jsonl").write_text("")
     assert description_dir(mine) == tmp_path / "ds"
+
+
+# ------------------------------------------------------------------------------ 3, 4. progress, tracking
+def _scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {}
+    for run in os.listdir(folder):
+        acc = EventAccumulator(os.path.join(folder, run))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            tags.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return tags
+
+
+class _FakeWandb:
+    """Records what RecBole's WandbLogger and the stage tracker send (wandb itself is not installed)."""
+
+    def __init__(self):
+        import importlib.machinery
+
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # other libraries probe for wandb
+        self.run, self.logged, self.defined = None, [], []
+
+    def init(self, **kwargs):
+        self.run = type("Run", (), {"summary": {}})()
+
+    def define_metric(self, name, step_metric=None):
+        self.defined.append((name, step_metric))
+
+    def log(self, metrics, commit=True):
+        self.logged.append(dict(metrics))
+
+
+def test_prime_stages_report_to_tensorboard_and_wandb_in_the_run_of_recbole(tiny_dataset, tmp_path, monkeypatch):
+    import sys
+
+    from recbole_mm.quick_start import run_recbole_mm
+    from test_prime import _prime_config
+
+    import logging
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    # pytest's own root handlers stop RecBole's init_logger (logging.basicConfig) from adding its log file
+    monkeypatch.setattr(logging.root, "handlers", [])
+    data_path, name = tiny_dataset
+    cfg = {**_prime_config(data_path, tmp_path), "log_wandb": True, "preference_optimization": True,
+           "pref_train_examples": 16, "pref_batch_size": 8, "pref_valid_every": 1, "pref_valid_users": 8,
+           "pref_epochs": 1, "show_progress": True}
+    result = run_recbole_mm("PRIME", name, config_dict=cfg)
+    runs = os.listdir("log_tensorboard")
+    assert len(runs) == 1 and runs[0].startswith(f"PRIME-{name}-")  # one run, named model-dataset-time
+    tags = _scalars("log_tensorboard")
+    assert {"ranker/loss", "ranker/valid_ndcg@10", "preference/loss", "preference/valid_ndcg@10"} <= set(tags)
+    assert "Loss/Train" in tags  # the retriever's RecBole loop wrote into the same run
+    ranker_curve = sorted(tags["ranker/valid_ndcg@10"])
+    assert [s for s, _ in ranker_curve] == [h["step"] for h in result["curves"]["ranker"]]
+    assert [round(v, 5) for _, v in ranker_curve] == [round(h["valid_ndcg@10"], 5) for h in result["curves"]["ranker"]]
+    assert ("ranker/*", "ranker_step") in fake.defined
+    assert any("preference/loss" in m and "preference_step" in m for m in fake.logged)
+    assert [e["epoch"] for e in result["curves"]["retriever"]] == [1]
+
+
+def test_progress_bars_honour_show_progress(capsys):
+    from recbole_mm.trainer.tracking import progress
+
+    with progress(3, "ranker", {"show_progress": False}) as bar:
+        bar.update(3)
+    assert capsys.readouterr().err == ""
+    with progress(3, "ranker", {"show_progress": True}) as bar:
+        bar.update(3)
+    assert "ranker" in capsys.readouterr().err
+
+
+def test_tuning_writes_a_log_per_trial(tiny_dataset):
+    from recbole_mm.quick_start import objective_function
+
+    data_path, name = tiny_dataset
+    for lr in (0.01, 0.001):
+        objective_function({**tiny_config(data_path, learning_rate=lr), "model": "LRURec", "dataset": name})
+    logs = os.listdir(os.path.join("log", "LRURec"))
+    assert len(logs) == 2 and all(f.startswith(f"LRURec-{name}-") for f in logs)
+    assert all(not d.startswith("model-") for d in os.listdir("log_tensorboard"))

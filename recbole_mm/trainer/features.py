@@ -101,6 +101,7 @@ class RecBoleMMTrainerMixin:
             "best_epoch": best["epoch"] + 1 if best else None,  # 1-based, as "epochs_run"
             "epoch_base": 1,
             "time_to_best_s": best["elapsed_s"] if best else None,
+            "epoch_log": [{**e, "epoch": e["epoch"] + 1} for e in self.epoch_log],  # 1-based
         }
 
 
