@@ -31,6 +31,10 @@ class PreflightError(ValueError):
     """An input of a later stage is missing or unreachable; raised before anything trains."""
 
 
+class CheckpointUnreachable(OSError, PreflightError):
+    """A pretrained checkpoint is neither a local folder nor reachable (an ``OSError``, as the loaders raise)."""
+
+
 def check_pretrained(name: str | None, key: str, trust_remote_code: bool = False) -> None:
     """``name`` (config key ``key``) is ``small``, a local checkpoint folder, or a hub id whose config loads."""
     if name in (None, "", "small"):
@@ -41,12 +45,14 @@ def check_pretrained(name: str | None, key: str, trust_remote_code: bool = False
         name = resolve_text_encoder(name)
     try:
         path, kwargs, local = pretrained_location(str(name), key, trust_remote_code)
-    except EncoderLoadError as e:
-        raise PreflightError(str(e)) from None
+    except EncoderLoadError:
+        raise CheckpointUnreachable(
+            f"{key}: local checkpoint directory {name!r} was not found; point {key} at a folder with config.json "
+            f"and the weights (save_pretrained layout), at a hub id, or use {key}: small (random weights)") from None
     if local:
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise PreflightError(f"{key}: local folder {name!r} has no config.json; point {key} at a checkpoint "
-                                 f"folder (save_pretrained layout) or a hub id")
+            raise CheckpointUnreachable(f"{key}: local checkpoint directory {name!r} has no config.json; point {key} "
+                                        f"at a checkpoint folder (save_pretrained layout) or a hub id")
         return
     from transformers import AutoConfig
 
@@ -54,7 +60,7 @@ def check_pretrained(name: str | None, key: str, trust_remote_code: bool = False
         AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PreflightError(
+        raise CheckpointUnreachable(
             f"{key}: {name!r} is neither a local folder nor reachable on the Hugging Face hub ({first}); "
             f"download it beforehand (`huggingface-cli download {name}`) and point {key} at the folder, "
             f"or use {key}: small (no download, random weights)") from None

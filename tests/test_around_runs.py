@@ -81,7 +81,7 @@ def test_prime_with_unreachable_ranker_fails_before_training(tiny_dataset, tmp_p
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PreflightError, match="ranker_model: 'nobody-xyz/no-such-model' is neither"):
         run_recbole_mm("PRIME", name, config_dict=_prime(data_path, tmp_path, ranker_model="nobody-xyz/no-such-model"))
-    with pytest.raises(PreflightError, match="local folder './no/such/dir' does not exist"):
+    with pytest.raises(PreflightError, match="ranker_model: local checkpoint directory './no/such/dir' was not found"):
         run_recbole_mm("PRIME", name, config_dict=_prime(data_path, tmp_path, ranker_model="./no/such/dir"))
     # nothing was trained or half-made: no stage folder, no checkpoint
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())

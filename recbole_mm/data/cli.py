@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds per attempt, in total (connect, headers and body)")
     d.add_argument("--retries", type=int, default=3)
     d.add_argument("--backoff", type=float, default=1.0, help="first back-off in seconds (doubles)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser("stats", help="print #users, #items, #images, #inter, density")
     s.add_argument("datasets", nargs="+", metavar="DIR_OR_NAME")
@@ -74,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         from recbole_mm.data.images import download_images
 
         report = download_images(args.dataset, workers=args.workers, timeout=args.timeout,
-                                 retries=args.retries, backoff=args.backoff)
+                                 retries=args.retries, backoff=args.backoff, show_progress=not args.no_progress)
         print(report.summary())
         for f in report.failures[:10]:
             print(f"  failed {f.item_id}: {f.error} ({f.url})")

@@ -79,7 +79,8 @@ def _generated(config, store) -> tuple[dict[str, str], dict | None]:
             max_pixels=config["image_max_pixels"], batch_size=config["describer_batch_size"])
         texts = lambda: [attributes_text(store.attributes(i)) for i in range(len(store))]  # noqa: E731
         stats = generate_descriptions(store, cache, settings, lambda: load_describer(
-            settings, config["device"], texts, small_dir=config["artifacts_dir"], small_args=config["describer_small"]))
+            settings, config["device"], texts, small_dir=config["artifacts_dir"], small_args=config["describer_small"]),
+            show_progress=config["show_progress"])
         getLogger().info(f"[VLM4Rec] descriptions: {stats}")
     by_token = cache.texts()
     if not by_token:
@@ -132,7 +133,7 @@ def build_item_representations(config, dataset) -> dict:
         cache = EmbeddingCache(os.path.join(cache_dir, f"{name}.text-{_slug(config['text_source'])}.{encoder.key}.npz"))
         matrix, stats = cached_encode(cache, [store.token(i) for i in rows], [content_hash(texts[i]) for i in rows],
                                       lambda pos: encoder.encode([texts[rows[p]] for p in pos]), encoder.dim,
-                                      label="[VLM4Rec] text embeddings")
+                                      label="[VLM4Rec] text embeddings", show_progress=config["show_progress"])
         text = np.zeros((n, encoder.dim), dtype=np.float32)
         text[rows] = matrix
         out["text"] = text
@@ -173,7 +174,8 @@ def build_item_representations(config, dataset) -> dict:
         key = fingerprint(encoder.key, store.min_pixels, store.max_pixels)
         cache = EmbeddingCache(os.path.join(cache_dir, f"{name}.image.{key}.npz"))
         matrix, stats = cached_encode(cache, [store.token(i) for i in rows], hashes, compute, dim,
-                                      chunk=256, label="[VLM4Rec] image embeddings")
+                                      chunk=256, label="[VLM4Rec] image embeddings",
+                                      show_progress=config["show_progress"])
         image = np.zeros((n, dim), dtype=np.float32)
         image[rows] = matrix
         out["image"] = image
