@@ -217,9 +217,12 @@ def write_tables(results, dataset: str, out: str, command: str) -> list[dict]:
              + (f"; paper numbers in parentheses from {paper['source']} where published." if paper else
                 "; no published numbers exist for this dataset under this protocol."))
     p_col = f"p ({TEST_METRIC} vs {first})"
+    tested = any(r[f"p_{TEST_METRIC}_vs_first"] is not None for r in rows)
+    p_note = (f"{p_col}: two-sided Wilcoxon signed-rank test on per-user test {TEST_METRIC}"
+              + (" (each user's mean over seeds)" if multi else "") + f", paired with {first}." if tested else
+              f"{p_col}: not available (these runs stored no per-user metrics).")
     lines = [f"# {dataset}: {', '.join(r['model'] for r in rows)}", "", f"Command: `{command}`", "", intro, "",
-             f"{p_col}: two-sided Wilcoxon signed-rank test on per-user test {TEST_METRIC}"
-             + (" (each user's mean over seeds)" if multi else "") + f", paired with {first}.", "",
+             p_note, "",
              "| model | " + " | ".join(METRICS) + f" | {p_col} | epochs (best) | s/epoch | vs first | "
              "time to best (s) | total (s) | peak RSS (MiB) | overrides |",
              "|---" * (len(METRICS) + 9) + "|"]
@@ -275,6 +278,11 @@ def _load_stored(out: str, models: list[str] | None, seeds: list[int] | None) ->
     if dataset is None:
         dataset = groups[0][1][0].get("dataset", "")
         command = "recbole-mm-bench " + " ".join(groups[0][1][0].get("bench_args", []))
+        if os.path.isfile(out + ".md"):  # a table written before manifests existed names its command
+            with open(out + ".md", encoding="utf-8") as f:
+                found = [line[len("Command: `"):-1] for line in f.read().splitlines()
+                         if line.startswith("Command: `") and line.endswith("`")]
+            command = found[0] if found else command
     return dataset, command, groups
 
 

@@ -280,7 +280,12 @@ def plot_efficiency(plt, groups, path) -> bool:
         ax.errorbar([x], [y], xerr=[xstd] if xstd else None, yerr=[ystd] if ystd else None, marker="o", capsize=3,
                     label=row["model"])
         ax.annotate(row["model"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("training time per epoch (s, log scale)")
     ax.set_ylabel("test NDCG@10")
     ax.grid(alpha=0.3, which="both")
