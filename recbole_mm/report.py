@@ -83,8 +83,10 @@ def load(prefix: str | os.PathLike) -> dict:
     elif os.path.isfile(prefix + ".json"):
         with open(prefix + ".json", encoding="utf-8") as f:
             single = json.load(f)
-        return {"name": name, "dataset": single.get("dataset", ""), "groups": [(single.get("model", name), [single])],
-                "single": single}
+        groups = [(single.get("model", name), [single])]
+        if single.get("retriever_test_result"):  # PRIME: the retriever alone beside the two-stage ranking
+            groups.insert(0, ("retriever alone", [{"test_result": single["retriever_test_result"]}]))
+        return {"name": name, "dataset": single.get("dataset", ""), "groups": groups, "single": single}
     else:
         raise SystemExit(f"recbole-mm-report: nothing found for {prefix}: expected {manifest}, {run_dir}/ "
                          f"or {prefix}.json (write them with recbole-mm-bench or --result_file)")
@@ -219,7 +221,8 @@ def cost_rows(data) -> list[tuple[str, float | None, float | None]]:
     """``(label, wall seconds, peak RSS MiB)`` per PRIME stage, or per model (means over seeds)."""
     single = data["single"]
     if single is not None and single.get("stages"):
-        return [(stage, info.get("wall_s"), info.get("peak_rss_mb")) for stage, info in single["stages"].items()]
+        return [(stage + (" (reused)" if info.get("reused") else ""), info.get("wall_s"), info.get("peak_rss_mb"))
+                for stage, info in single["stages"].items()]
     return [(row["model"], row["total_time_s"][0], row["peak_rss_mb"]) for row in summary_rows(data["groups"])]
 
 

@@ -49,7 +49,8 @@ def test_bench_table_report_renders_every_figure(tmp_path):
 
 def test_prime_result_report_shows_stages(tmp_path):
     result = {"model": "PRIME", "dataset": "ml-100k-posters", "test_result": {"ndcg@5": 0.1, "ndcg@10": 0.12},
-              "stages": {"retriever": {"wall_s": 60.0, "peak_rss_mb": 700.0},
+              "retriever_test_result": {"ndcg@5": 0.09, "ndcg@10": 0.11},
+              "stages": {"retriever": {"wall_s": 60.0, "peak_rss_mb": 700.0, "reused": True},
                          "ranker": {"wall_s": 120.0, "peak_rss_mb": 900.0},
                          "preference": {"wall_s": 30.0, "peak_rss_mb": 950.0},
                          "evaluate_test": {"wall_s": 40.0, "peak_rss_mb": 980.0}},
@@ -62,7 +63,8 @@ def test_prime_result_report_shows_stages(tmp_path):
     assert main([str(path), "--out", str(out)]) == 0
     assert {p.name for p in out.glob("*.png")} == {"metrics.png", "curves.png", "cost.png", "topk.png"}
     page = (out / "README.md").read_text()
-    assert "| ranker | 120.0 | 900 |" in page and "per stage" in page
+    assert "| ranker | 120.0 | 900 |" in page and "| retriever (reused) | 60.0 | 700 |" in page and "per stage" in page
+    assert "| retriever alone | 1 | 0.1100 |" in page and "| PRIME | 1 | 0.1200 |" in page
 
 
 def test_curves_parsed_from_recbole_logs_and_missing_input_is_one_line(tmp_path):
