@@ -220,7 +220,8 @@ def write_tables(results, dataset: str, out: str, command: str) -> list[dict]:
     tested = any(r[f"p_{TEST_METRIC}_vs_first"] is not None for r in rows)
     p_note = (f"{p_col}: two-sided Wilcoxon signed-rank test on per-user test {TEST_METRIC}"
               + (" (each user's mean over seeds)" if multi else "") + f", paired with {first}." if tested else
-              f"{p_col}: not available (these runs stored no per-user metrics).")
+              f"{p_col}: not available (these runs stored no per-user metrics)." if len(rows) > 1 else
+              f"{p_col}: needs a second model.")
     lines = [f"# {dataset}: {', '.join(r['model'] for r in rows)}", "", f"Command: `{command}`", "", intro, "",
              p_note, "",
              "| model | " + " | ".join(METRICS) + f" | {p_col} | epochs (best) | s/epoch | vs first | "
