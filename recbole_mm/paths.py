@@ -67,14 +67,3 @@ def description_dir(config, tag: str = "descriptions") -> Path:
 def artifacts_dir(config) -> Path:
     """Stage artefacts / built small models (``artifacts_dir``, relative paths under the working directory)."""
     return _checked(config["artifacts_dir"], "artifacts_dir")
-
-
-def check_writable(folder: str | os.PathLike, what: str) -> None:
-    """Raise a one-line ``OSError`` when ``folder`` cannot be created or written."""
-    folder = Path(folder)
-    probe_root = folder
-    while not probe_root.exists() and probe_root.parent != probe_root:
-        probe_root = probe_root.parent
-    if not os.access(probe_root, os.W_OK | os.X_OK):
-        raise PermissionError(f"{what}: cannot write {folder} ({probe_root} is not writable); "
-                              f"choose another folder or fix its permissions")
