@@ -12,11 +12,11 @@ PY=${PYTHON:-python}
 RESULT=benchmarks/results/datasets.md
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
-for name in beauty ml-100k-posters ml-1m hm; do
+for name in beauty ml-100k-posters ml-1m-llamarec hm; do
   "$PY" -m recbole_mm.data prepare "$name" --shared "$SHARED" --out "$OUT"
 done
 
-STATS=$("$PY" -m recbole_mm.data stats --data-path "$OUT" --verify-images beauty ml-100k-posters ml-1m hm)
+STATS=$("$PY" -m recbole_mm.data stats --data-path "$OUT" --verify-images beauty ml-100k-posters ml-1m-llamarec hm)
 RECBOLE=$("$PY" - "$OUT" <<'PY'
 import logging, sys, warnings
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -24,7 +24,7 @@ from recbole.config import Config
 from recbole.data import create_dataset
 logging.disable(logging.CRITICAL)
 print("| dataset | users | items | interactions |\n|---|---:|---:|---:|")
-for name in ["beauty", "ml-100k-posters", "ml-1m", "hm"]:
+for name in ["beauty", "ml-100k-posters", "ml-1m-llamarec", "hm"]:
     cfg = Config(model="SASRec", dataset=name, config_file_list=[f"properties/dataset/{name}.yaml"],
                  config_dict={"data_path": sys.argv[1], "train_neg_sample_args": None,
                               "show_progress": False, "save_dataset": False})
@@ -38,10 +38,10 @@ PY
   echo "Made by \`bash benchmarks/prepare_datasets.sh $SHARED $OUT\` on $(date -u +%Y-%m-%d), commands:"
   echo
   echo '```'
-  for name in beauty ml-100k-posters ml-1m hm; do
+  for name in beauty ml-100k-posters ml-1m-llamarec hm; do
     echo "python -m recbole_mm.data prepare $name --shared $SHARED --out $OUT"
   done
-  echo "python -m recbole_mm.data stats --data-path $OUT --verify-images beauty ml-100k-posters ml-1m hm"
+  echo "python -m recbole_mm.data stats --data-path $OUT --verify-images beauty ml-100k-posters ml-1m-llamarec hm"
   echo '```'
   echo
   echo "Statistics (PRIME Table 1 columns; #images = items whose image decodes; density = #inter / (#users x #items)):"

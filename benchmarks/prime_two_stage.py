@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOMAINS = {"beauty": "beauty product", "ml-100k-posters": "movie", "ml-100k": "movie", "ml-1m": "movie",
+DOMAINS = {"beauty": "beauty product", "ml-100k-posters": "movie", "ml-100k": "movie", "ml-1m": "movie", "ml-1m-llamarec": "movie",
            "hm": "fashion item"}
 METRICS = ["ndcg@5", "ndcg@10", "recall@5", "recall@10", "mrr@10"]
 

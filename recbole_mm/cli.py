@@ -12,7 +12,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_recbole_mm.py",
         description="Train and evaluate a recbole-mm model or any RecBole model. Any other "
-                    "--key=value is a RecBole/recbole-mm config override (e.g. --epochs=5).")
+                    "--key=value is a RecBole/recbole-mm config override (e.g. --epochs=5); an unknown key "
+                    "warns with the closest known one (--strict_config=True: error).",
+        epilog="Datasets: RecBole's own names (ml-100k, ml-1m, amazon-beauty, ...) are read or downloaded by "
+               "RecBole. recbole-mm's prepared datasets (beauty, ml-100k-posters, ml-1m-llamarec, hm) are made "
+               "with `recbole-mm-data prepare NAME --out dataset` from the project's shared data; Beauty also "
+               "from the public Amazon 2014 files (reviews_Beauty_5.json.gz and meta_Beauty.json.gz from "
+               "https://jmcauley.ucsd.edu/data/amazon/): `recbole-mm-data prepare beauty --raw FOLDER`. "
+               "Then pass --data_path=dataset/.")
     parser.add_argument("--model", "-m", default="LRURec", help="model name (ours or RecBole's)")
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files")

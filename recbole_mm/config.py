@@ -126,6 +126,7 @@ class Config(RecBoleConfig):
       settings are one-line :class:`~recbole_mm.errors.ConfigError` s: wrong types for numeric /
       boolean settings, ``topk`` without the k of ``valid_metric``, PRIME's ``n_candidates`` and
       ``retriever``, KD_DAGFM's ``teacher`` (which RecBole ``eval()``s).
+    - unknown keys in any source warn with the closest known key (``strict_config: True``: error).
 
     Context-aware (CTR) models keep RecBole's quick-start protocol for them (labeled evaluation,
     ``AUC`` / ``LogLoss``), which our ranking defaults would otherwise replace.
@@ -136,8 +137,21 @@ class Config(RecBoleConfig):
 
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, argv=None):
         self._argv = list(argv or [])
-        super().__init__(model, dataset, [resolve_config_file(f) for f in config_file_list or []] or None,
-                         config_dict)
+        files = [resolve_config_file(f) for f in config_file_list or []]
+        super().__init__(model, dataset, files or None, config_dict)
+        self._check_unknown_keys(files)
+
+    def _check_unknown_keys(self, files):
+        """Unknown keys in the files, ``config_dict`` or command line: warn (``strict_config``: error)."""
+        from recbole_mm.config_keys import check_keys
+
+        sources = {}
+        for path in files:
+            single = self._load_config_files([path])
+            sources[f"config file {path}"] = single
+        sources["config_dict"] = self.variable_config_dict
+        sources["command line"] = self.cmd_config_dict
+        check_keys(sources, strict=bool(self.final_config_dict.get("strict_config")))
 
     # Values are parsed, never evaluated: RecBole eval()s override strings and reads yaml with
     # FullLoader; here literals and safe yaml only (see :func:`parse_value`, :func:`load_yaml_file`).

@@ -18,3 +18,7 @@ class ConfigError(UserError, ValueError):
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that is missing, unreadable, unsafe or made for another model/dataset."""
+
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
+    """A dataset's atomic files are not where the settings point; the message says how to make them."""

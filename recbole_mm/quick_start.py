@@ -14,6 +14,7 @@ from recbole.utils import init_logger, init_seed
 
 from recbole_mm.config import Config
 from recbole_mm.errors import CheckpointError, ConfigError
+from recbole_mm.preflight import preflight
 from recbole_mm.utils import create_dataset, data_preparation, get_model, get_trainer
 
 
@@ -61,6 +62,7 @@ def _train_and_evaluate(config, saved: bool, resume: str | None, verbose: bool =
     result = {
         "model": config["model"],
         "dataset": config["dataset"],
+        "seed": config["seed"],
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": dict(best_valid_result or {}),
@@ -70,6 +72,7 @@ def _train_and_evaluate(config, saved: bool, resume: str | None, verbose: bool =
         **trainer.timing_summary(),
         **(trainer.extra_results() if hasattr(trainer, "extra_results") else {}),
         **peak_memory_mb(),
+        "test_per_user": getattr(trainer, "last_per_user", {}),
     }
     logger.info(f"best valid : {result['best_valid_result']}")
     logger.info(f"test result: {result['test_result']}")
@@ -90,18 +93,28 @@ def run_recbole_mm(model=None, dataset=None, config_file_list=None, config_dict=
     init_logger(config)
     logger = getLogger()
     logger.info(sys.argv)
+    # every stage's inputs are resolved before anything trains (and before the long config listing)
+    logger.info(f"[preflight] checked: {', '.join(preflight(config))}")
     logger.info(config)
     return _train_and_evaluate(config, saved=saved, resume=resume)
 
 
 def objective_function(config_dict=None, config_file_list=None, saved=True, argv=None) -> dict:
-    """Objective for RecBole's ``HyperTuning``: one quiet run, returns RecBole's result dict."""
+    """Objective for RecBole's ``HyperTuning``: one run, quiet on the console, with its own log file
+    (``log/<model>/<model>-<dataset>-<time>-<hash>.log``, as RecBole's ``objective_function``) and
+    tensorboard run of the same name; returns RecBole's result dict."""
     config = Config(config_dict=config_dict, config_file_list=config_file_list, argv=argv)
+    preflight(config)
     init_seed(config["seed"], config["reproducibility"])
     logger = getLogger()
     for handler in logger.handlers[:]:
         logger.removeHandler(handler)
-    logging.basicConfig(level=logging.ERROR)
+        handler.close()
+    init_logger(config)
+    for handler in logger.handlers:
+        if not hasattr(handler, "baseFilename"):  # the console: errors only; the file keeps everything
+            handler.setLevel(logging.ERROR)
+    logger.info(config)
     return _train_and_evaluate(config, saved=saved, resume=None, verbose=False)
 
 

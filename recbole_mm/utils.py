@@ -14,7 +14,7 @@ from logging import getLogger
 
 from recbole.utils import ModelType
 
-from recbole_mm.errors import ConfigError, UserError
+from recbole_mm.errors import ConfigError, DatasetNotFoundError, UserError
 
 # name -> module that defines the class of that name. Modules are imported on demand so that
 # heavy dependencies stay behind the models that need them.
@@ -100,16 +100,35 @@ def create_dataset(config):
     return recbole_create_dataset(config)
 
 
+def recbole_download_names() -> set[str]:
+    """Dataset names RecBole downloads by itself when their files are missing (its ``url.yaml``)."""
+    import recbole
+    import yaml
+
+    with open(os.path.join(os.path.dirname(recbole.__file__), "properties", "dataset", "url.yaml"),
+              encoding="utf-8") as f:
+        return set(yaml.safe_load(f) or {})
+
+
 def _check_dataset_files(config):
     if config["dataset"] == "ml-100k":  # RecBole always reads its bundled copy for this name
         return
     path = config["data_path"]
     inter = os.path.join(path, f"{config['dataset']}.inter")
-    if not os.path.isfile(inter) and not config["benchmark_filename"]:
-        raise UserError(
-            f"dataset {config['dataset']!r}: no interaction file at {inter}. Prepare it first "
-            f"(e.g. `recbole-mm-data prepare {config['dataset']} --out dataset/`), or point "
-            f"--data_path=DIR at the folder that holds {config['dataset']}/{config['dataset']}.inter")
+    if os.path.isfile(inter) or config["benchmark_filename"]:
+        return
+    if config["dataset"] in recbole_download_names():
+        return  # RecBole's own dataset name: RecBole downloads it (asking first), as it always does
+    from recbole_mm.data.prepare import PREPARERS, how_to_get
+
+    name = config["dataset"]
+    make = (how_to_get(name) if name in PREPARERS else
+            f"write its atomic files (`recbole-mm-data convert-amazon --name {name} ...` converts an Amazon "
+            f"2014 category; `recbole-mm-data prepare` makes {', '.join(PREPARERS)}; RecBole's own names "
+            f"such as amazon-beauty are downloaded by RecBole)")
+    raise DatasetNotFoundError(
+        f"dataset {name!r}: no interaction file at {inter}. To make it, {make}; or point "
+        f"--data_path=DIR at the folder that holds {name}/{name}.inter")
 
 
 def data_preparation(config, dataset):

@@ -111,8 +111,8 @@ def test_beauty_order_and_text(prepared):
 
 
 def test_ml1m_counts_without_recbole(tmp_path):
-    folder = tmp_path / "ml-1m"
-    main(["prepare", "ml-1m", "--shared", str(SHARED), "--out", str(tmp_path)])
+    folder = tmp_path / "ml-1m-llamarec"
+    main(["prepare", "ml-1m-llamarec", "--shared", str(SHARED), "--out", str(tmp_path)])
     s = dataset_stats(folder)
     assert (s["users"], s["items"], s["inter"], s["images"]) == (6040, 3416, 999611, 1400)
 

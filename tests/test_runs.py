@@ -41,7 +41,7 @@ def test_cli_errors_are_one_clear_line(tiny_dataset):
     proc = _cli("--model=NoSuchModel", f"--dataset={name}", f"--data_path={data_path}")
     assert proc.returncode == 2 and "Unknown model 'NoSuchModel'" in proc.stderr and "Traceback" not in proc.stderr
     proc = _cli("--model=LRURec", "--dataset=nowhere", f"--data_path={data_path}")
-    assert proc.returncode == 2 and "recbole-mm-data prepare nowhere" in proc.stderr
+    assert proc.returncode == 2 and "recbole-mm-data convert-amazon --name nowhere" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -346,7 +346,7 @@ def test_generated_source_without_cache_and_generation_off(shared, tmp_path):
 
 
 def test_bad_settings_fail_clearly(shared, tmp_path):
-    with pytest.raises(EncoderLoadError, match="text_encoder: local folder"):
+    with pytest.raises(OSError, match="text_encoder: local checkpoint directory"):  # found by the preflight
         run_recbole_mm("VLM4Rec", "mmfix", config_dict=_config(shared, text_source="title",
                                                                 text_encoder=str(tmp_path / "missing")))
     with pytest.raises(OSError, match="describer_model: local checkpoint directory './no/such/vlm'"):

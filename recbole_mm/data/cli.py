@@ -12,16 +12,21 @@ import sys
 
 from recbole_mm.errors import UserError
 
-DATASETS = ("beauty", "ml-100k-posters", "ml-1m", "hm")
+DATASETS = ("beauty", "ml-100k-posters", "ml-1m-llamarec", "hm")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recbole-mm-data", description="Multimodal datasets for recbole-mm.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    a = sub.add_parser("prepare", help="build an atomic dataset from shared/data")
+    a = sub.add_parser("prepare", help="build an atomic dataset from shared/data (or, for beauty, the public raw files)",
+                       epilog="beauty without the shared copy: download reviews_Beauty_5.json.gz and "
+                              "meta_Beauty.json.gz from https://jmcauley.ucsd.edu/data/amazon/ into a folder "
+                              "and pass --raw FOLDER.")
     a.add_argument("dataset", choices=DATASETS)
     a.add_argument("--shared", default="../shared/data", help="the shared/data folder (default ../shared/data)")
+    a.add_argument("--raw", default=None, help="beauty only: folder with the public Amazon 2014 files "
+                                               "(reviews_Beauty_5.json.gz, meta_Beauty.json.gz)")
     a.add_argument("--out", default="dataset", help="output folder (default dataset/)")
 
     c = sub.add_parser("convert-amazon", help="convert Amazon 2014 reviews/ratings + metadata files")
@@ -39,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds per attempt, in total (connect, headers and body)")
     d.add_argument("--retries", type=int, default=3)
     d.add_argument("--backoff", type=float, default=1.0, help="first back-off in seconds (doubles)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser("stats", help="print #users, #items, #images, #inter, density")
     s.add_argument("datasets", nargs="+", metavar="DIR_OR_NAME")
@@ -52,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
         from recbole_mm.data.prepare import prepare
         from recbole_mm.data.stats import dataset_stats, format_stats
 
-        folder = prepare(args.dataset, args.shared, args.out)
+        folder = prepare(args.dataset, args.shared, args.out, raw=args.raw)
         print(f"wrote {folder}")
         print(format_stats([dataset_stats(folder)]))
     elif args.cmd == "convert-amazon":
@@ -69,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         from recbole_mm.data.images import download_images
 
         report = download_images(args.dataset, workers=args.workers, timeout=args.timeout,
-                                 retries=args.retries, backoff=args.backoff)
+                                 retries=args.retries, backoff=args.backoff, show_progress=not args.no_progress)
         print(report.summary())
         for f in report.failures[:10]:
             print(f"  failed {f.item_id}: {f.error} ({f.url})")

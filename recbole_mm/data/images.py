@@ -251,8 +251,9 @@ def download_one(url: str, dest: Path, *, timeout: float = 10.0, retries: int = 
 
 def download_images(dataset: str | os.PathLike, *, workers: int = 8, timeout: float = 10.0,
                     retries: int = 3, backoff: float = 1.0, url_field: str = "imUrl",
-                    max_bytes: int = MAX_BYTES) -> DownloadReport:
-    """Download the images of ``dataset`` (a folder with ``<name>.items.jsonl``); see the module doc."""
+                    max_bytes: int = MAX_BYTES, show_progress: bool = True) -> DownloadReport:
+    """Download the images of ``dataset`` (a folder with ``<name>.items.jsonl``); see the module doc.
+    ``show_progress``: a tqdm bar over the items."""
     folder = Path(dataset)
     name = folder.name
     side = folder / f"{name}.items.jsonl"
@@ -288,8 +289,11 @@ def download_images(dataset: str | os.PathLike, *, workers: int = 8, timeout: fl
         return job, present, download_one(url, dest, timeout=timeout, retries=retries, backoff=backoff,
                                           max_bytes=max_bytes)
 
+    from tqdm import tqdm
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for (rec, url, dest, fname), present, result in pool.map(work, jobs):
+        for (rec, url, dest, fname), present, result in tqdm(pool.map(work, jobs), total=len(jobs), desc="images",
+                                                             unit="img", ncols=100, disable=not show_progress):
             if present == "present":
                 report.skipped += 1
                 rec["image"] = f"images/{fname}"

@@ -4,7 +4,7 @@ Every prepared dataset ``<out>/<name>/`` holds
 
 - ``<name>.inter`` — ``user_id:token item_id:token timestamp:float`` (+ extra columns RecBole is not
   asked to load); rows of one user are in chronological order. Where only the order is known
-  (beauty, ml-1m) and for H&M (dates only) the timestamp is the position in the user's sequence,
+  (beauty, ml-1m-llamarec) and for H&M (dates only) the timestamp is the position in the user's sequence,
   strictly increasing and exact in RecBole's float32; ML-100K keeps its real Unix timestamps, rows
   written in exact chronological order (ties in file order): RecBole's float32 merges times up to
   64 s apart, and its stable sort then keeps this file order;
@@ -220,7 +220,7 @@ def _read_tsv(path: Path):
 
 # --------------------------------------------------------------------------- MovieLens-1M
 def prepare_ml1m(shared: str | os.PathLike = DEFAULT_SHARED, out: str | os.PathLike = DEFAULT_OUT,
-                 name: str = "ml-1m") -> Path:
+                 name: str = "ml-1m-llamarec") -> Path:
     """ML-1M as preprocessed by LlamaRec/LRURec (6,040 / 3,416 / 999,611), titles, genres, posters.
 
     Only chronological order is known: ``timestamp`` is the position in the user's sequence.
@@ -369,17 +369,61 @@ def prepare_hm(shared: str | os.PathLike = DEFAULT_SHARED, out: str | os.PathLik
 PREPARERS: dict[str, Callable[..., Path]] = {
     "beauty": prepare_beauty,
     "ml-100k-posters": prepare_ml100k_posters,
-    "ml-1m": prepare_ml1m,
+    "ml-1m-llamarec": prepare_ml1m,
     "hm": prepare_hm,
 }
 
 
-def prepare(which: str, shared: str | os.PathLike = DEFAULT_SHARED, out: str | os.PathLike = DEFAULT_OUT) -> Path:
-    """Prepare one dataset by its name in :data:`PREPARERS`; return its folder."""
+# Public raw files a user with network access can download instead of the shared copy.
+RAW_SOURCES = {
+    "beauty": ("reviews_Beauty_5.json.gz (or ratings_Beauty.csv) and meta_Beauty.json.gz from "
+               "https://jmcauley.ucsd.edu/data/amazon/ (Amazon 2014, 'Beauty' 5-core reviews and metadata)"),
+}
+
+
+def _raw_beauty_files(raw: Path) -> tuple[Path, Path]:
+    reviews = next((raw / n for n in ("reviews_Beauty_5.json.gz", "reviews_Beauty_5.json", "ratings_Beauty.csv")
+                    if (raw / n).is_file()), None)
+    meta = next((raw / n for n in ("meta_Beauty.json.gz", "meta_Beauty.json") if (raw / n).is_file()), None)
+    if reviews is None or meta is None:
+        missing = "reviews_Beauty_5.json.gz" if reviews is None else "meta_Beauty.json.gz"
+        raise DataFormatError(f"{missing} not found in the --raw folder", file=raw,
+                              hint=f"download {RAW_SOURCES['beauty']}")
+    return reviews, meta
+
+
+def how_to_get(which: str) -> str:
+    """One sentence naming the command(s) that make dataset ``which``."""
+    text = f"run `recbole-mm-data prepare {which} --shared ../shared/data --out dataset`"
+    if which in RAW_SOURCES:
+        text += (f", or download {RAW_SOURCES[which]} into a folder and run "
+                 f"`recbole-mm-data prepare {which} --raw FOLDER --out dataset`")
+    return text
+
+
+def prepare(which: str, shared: str | os.PathLike = DEFAULT_SHARED, out: str | os.PathLike = DEFAULT_OUT,
+            raw: str | os.PathLike | None = None) -> Path:
+    """Prepare one dataset by its name in :data:`PREPARERS`; return its folder.
+
+    ``raw`` (beauty only) is a folder with the public Amazon 2014 files (:data:`RAW_SOURCES`),
+    converted with :func:`recbole_mm.data.amazon.convert_amazon` (iterative 5-core) instead of
+    reading the project's shared copy.
+    """
     if which not in PREPARERS:
         raise DataFormatError(f"unknown dataset '{which}'", hint=f"choose one of {', '.join(PREPARERS)}")
+    if raw is not None:
+        if which not in RAW_SOURCES:
+            raise DataFormatError(f"--raw is only supported for {', '.join(RAW_SOURCES)}, not '{which}'",
+                                  hint="use --shared")
+        if not Path(raw).is_dir():
+            raise DataFormatError("--raw folder not found", file=raw, hint=f"download {RAW_SOURCES[which]}")
+        from recbole_mm.data.amazon import convert_amazon
+
+        reviews, meta = _raw_beauty_files(Path(raw))
+        return convert_amazon(reviews, meta, which, out)
     if not Path(shared).is_dir():
         raise DataFormatError("shared data folder not found", file=shared,
-                              hint="pass --shared pointing at the shared/data folder")
+                              hint=("pass --shared pointing at the shared/data folder"
+                                    + (f", or --raw FOLDER holding {RAW_SOURCES[which]}" if which in RAW_SOURCES else "")))
     check_output_folder(out, which)
     return PREPARERS[which](shared, out)

@@ -251,7 +251,7 @@ def load_describer(settings: DescriberSettings, device="cpu", small_texts: Calla
 
 def generate_descriptions(store, cache: DescriptionCache, settings: DescriberSettings,
                           describer: Describer | Callable[[], Describer], *, item_ids: Sequence[int] | None = None,
-                          progress_every: int = 10) -> dict:
+                          progress_every: int = 10, show_progress: bool = True) -> dict:
     """Describe every item of ``store`` (or ``item_ids``) the cache lacks; returns counts and speed.
 
     ``describer`` may be a function that loads it, called only when something is left to do.
@@ -279,9 +279,13 @@ def generate_descriptions(store, cache: DescriptionCache, settings: DescriberSet
         if callable(describer) and not isinstance(describer, Describer):
             describer = describer()
         cache.write_meta(identity, complete=False)
+        from tqdm import tqdm
+
         started = time.perf_counter()
         bs = settings.batch_size
+        bar = tqdm(total=len(pending), desc="describer", unit="item", ncols=100, disable=not show_progress)
         for n, start in enumerate(range(0, len(pending), bs), start=1):
+            bar.update(min(bs, len(pending) - start))
             part = pending[start:start + bs]
             items = [{"attributes": store.attributes(i), "image": store.image(i)} for i in part]
             if settings.missing_image == "skip":
@@ -299,9 +303,8 @@ def generate_descriptions(store, cache: DescriptionCache, settings: DescriberSet
             stats["from_image"] += sum(r["from"] == "image" for r in records)
             stats["from_text"] += sum(r["from"] == "text" for r in records)
             if n % progress_every == 0:
-                elapsed = time.perf_counter() - started
-                logger.info(f"describer: {stats['generated']}/{len(pending)} items, {elapsed:.0f}s, "
-                            f"ETA {elapsed / stats['generated'] * (len(pending) - stats['generated']):.0f}s")
+                logger.info(f"describer: {stats['generated']}/{len(pending)} items")
+        bar.close()
         stats["seconds"] = time.perf_counter() - started
         stats["items_per_s"] = stats["generated"] / stats["seconds"] if stats["seconds"] > 0 else None
     cache.consolidate([store.token(i) for i in range(len(store))])

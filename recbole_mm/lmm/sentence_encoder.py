@@ -235,7 +235,7 @@ class EmbeddingCache:
 
 def cached_encode(cache: EmbeddingCache, tokens: Sequence[str], hashes: Sequence[str],
                   compute: Callable[[list[int]], np.ndarray], dim: int, *, chunk: int = 1024,
-                  label: str = "embeddings") -> tuple[np.ndarray, dict]:
+                  label: str = "embeddings", show_progress: bool = True) -> tuple[np.ndarray, dict]:
     """Vectors for ``tokens`` (row i for token i), computing only the rows the cache lacks.
 
     ``compute(positions)`` returns the vectors of those positions; the cache is saved after every
@@ -250,14 +250,19 @@ def cached_encode(cache: EmbeddingCache, tokens: Sequence[str], hashes: Sequence
             out[i] = vec
         else:
             todo.append(i)
+    from tqdm import tqdm
+
     started = time.perf_counter()
+    bar = tqdm(total=len(todo), desc=label, unit="item", ncols=100, disable=not show_progress or not todo)
     for start in range(0, len(todo), chunk):
         part = todo[start:start + chunk]
         vectors = np.asarray(compute(part), dtype=np.float32)
         out[part] = vectors
         cache.put([tokens[i] for i in part], [hashes[i] for i in part], vectors)
         cache.save()
+        bar.update(len(part))
         logger.info(f"{label}: {min(start + chunk, len(todo))}/{len(todo)} computed ({cache.path})")
+    bar.close()
     seconds = time.perf_counter() - started
     stats = {"rows": len(tokens), "computed": len(todo), "reused": len(tokens) - len(todo),
              "seconds": seconds, "items_per_s": (len(todo) / seconds) if todo and seconds > 0 else None,

@@ -65,7 +65,9 @@ def _generated(config, store) -> tuple[dict[str, str], dict | None]:
     from recbole_mm.lmm.describer import (DescriberSettings, DescriptionCache, attributes_text, generate_descriptions,
                                           load_describer)
 
-    folder = config["description_dir"] or config["data_path"]
+    from recbole_mm.paths import description_dir
+
+    folder = description_dir(config, config["description_tag"])
     cache = DescriptionCache(folder, config["dataset"], config["description_tag"])
     stats = None
     if config["generate_descriptions"]:
@@ -78,7 +80,8 @@ def _generated(config, store) -> tuple[dict[str, str], dict | None]:
             max_pixels=config["image_max_pixels"], batch_size=config["describer_batch_size"])
         texts = lambda: [attributes_text(store.attributes(i)) for i in range(len(store))]  # noqa: E731
         stats = generate_descriptions(store, cache, settings, lambda: load_describer(
-            settings, config["device"], texts, small_dir=config["artifacts_dir"], small_args=config["describer_small"]))
+            settings, config["device"], texts, small_dir=config["artifacts_dir"], small_args=config["describer_small"]),
+            show_progress=config["show_progress"])
         getLogger().info(f"[VLM4Rec] descriptions: {stats}")
     by_token = cache.texts()
     if not by_token:
@@ -108,7 +111,9 @@ def build_item_representations(config, dataset) -> dict:
     logger = getLogger()
     fusion = config["fusion"]
     store = ItemStore.from_recbole(config, dataset)
-    cache_dir = config["embedding_cache_dir"] or os.path.join(config["data_path"], "vlm4rec_cache")
+    from recbole_mm.paths import embedding_cache_dir
+
+    cache_dir = str(embedding_cache_dir(config))
     name, n, device = config["dataset"], len(store), config["device"]
     out: dict = {"text": None, "image": None, "info": {}}
 
@@ -129,7 +134,7 @@ def build_item_representations(config, dataset) -> dict:
         cache = EmbeddingCache(os.path.join(cache_dir, f"{name}.text-{_slug(config['text_source'])}.{encoder.key}.npz"))
         matrix, stats = cached_encode(cache, [store.token(i) for i in rows], [content_hash(texts[i]) for i in rows],
                                       lambda pos: encoder.encode([texts[rows[p]] for p in pos]), encoder.dim,
-                                      label="[VLM4Rec] text embeddings")
+                                      label="[VLM4Rec] text embeddings", show_progress=config["show_progress"])
         text = np.zeros((n, encoder.dim), dtype=np.float32)
         text[rows] = matrix
         out["text"] = text
@@ -170,7 +175,8 @@ def build_item_representations(config, dataset) -> dict:
         key = fingerprint(encoder.key, store.min_pixels, store.max_pixels)
         cache = EmbeddingCache(os.path.join(cache_dir, f"{name}.image.{key}.npz"))
         matrix, stats = cached_encode(cache, [store.token(i) for i in rows], hashes, compute, dim,
-                                      chunk=256, label="[VLM4Rec] image embeddings")
+                                      chunk=256, label="[VLM4Rec] image embeddings",
+                                      show_progress=config["show_progress"])
         image = np.zeros((n, dim), dtype=np.float32)
         image[rows] = matrix
         out["image"] = image

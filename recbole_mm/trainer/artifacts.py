@@ -53,3 +53,13 @@ class StageStore:
 
     def finish(self, stage: str, key: str, info: dict) -> None:
         write_json(self.folder(stage, key) / "done.json", info)
+
+    def remove_unfinished_empty(self) -> list[Path]:
+        """Remove stage folders that hold nothing (a stage that failed before writing); return them."""
+        removed = []
+        if self.root.is_dir():
+            for path in self.root.iterdir():
+                if path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()
+                    removed.append(path)
+        return removed

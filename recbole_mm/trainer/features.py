@@ -28,6 +28,16 @@ class RecBoleMMTrainerMixin:
             self.saved_model_file = os.path.join(self.checkpoint_dir, checkpoint_name(config["model"]))
         self.epoch_log: list[dict] = []
         self._fit_started = None
+        #: per-user NDCG@K / Recall@K of the latest evaluation (K = 10 if reported, else the largest
+        #: cutoff), in evaluation order: what paired significance tests between models need
+        self.last_per_user: dict[str, list[float]] = {}
+        evaluate = self.evaluator.evaluate
+
+        def evaluate_and_keep_per_user(struct):
+            self.last_per_user = per_user_metrics(struct, config["topk"])
+            return evaluate(struct)
+
+        self.evaluator.evaluate = evaluate_and_keep_per_user
 
     def _build_optimizer(self, **kwargs):
         if "params" not in kwargs and hasattr(self.model, "optimizer_param_groups"):
@@ -91,7 +101,7 @@ class RecBoleMMTrainerMixin:
         return score, result
 
     def timing_summary(self) -> dict:
-        """Median train time per epoch, epochs run, best epoch and wall time until it."""
+        """Median train time per epoch, epochs run, best epoch (1-based) and wall time until it."""
         import statistics
 
         if not self.epoch_log:
@@ -104,14 +114,34 @@ class RecBoleMMTrainerMixin:
             "epochs_run": len(train),
             "time_per_epoch_s": statistics.median(train),
             "train_time_s": sum(train),
-            "best_epoch": best["epoch"] if best else None,
+            "best_epoch": best["epoch"] + 1 if best else None,  # 1-based, as "epochs_run"
+            "epoch_base": 1,
             "time_to_best_s": best["elapsed_s"] if best else None,
+            "epoch_log": [{**e, "epoch": e["epoch"] + 1} for e in self.epoch_log],  # 1-based
         }
 
 
 def checkpoint_name(model: str) -> str:
     """``<Model>-<local time>-<pid>-<8 random hex digits>.pth``: RecBole's name made unique per run."""
     return f"{model}-{get_local_time()}-{os.getpid()}-{secrets.token_hex(4)}.pth"
+
+
+def per_user_metrics(struct, topk) -> dict[str, list[float]]:
+    """Per-user ``ndcg@K`` and ``recall@K`` from RecBole's collected ``rec.topk`` (K = 10 when in
+    ``topk``, else its largest cutoff); empty when the run collected no top-k data."""
+    import numpy as np
+
+    if "rec.topk" not in struct:
+        return {}
+    topk = [topk] if isinstance(topk, int) else list(topk)
+    k = 10 if 10 in topk else max(topk)
+    data = struct.get("rec.topk").numpy()
+    hits, pos_len = data[:, :k].astype(bool), data[:, -1].astype(np.int64)
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = (hits * discount).sum(1)
+    idcg = np.cumsum(discount)[np.clip(np.minimum(pos_len, k), 1, k) - 1]
+    recall = hits.sum(1) / np.maximum(pos_len, 1)
+    return {f"ndcg@{k}": np.round(dcg / idcg, 6).tolist(), f"recall@{k}": np.round(recall, 6).tolist()}
 
 
 _CACHE: dict[type, type] = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from logging import getLogger
 from typing import Callable
 
@@ -16,6 +15,7 @@ from recbole_mm.model.loss import SET_LIKELIHOODS, preference_loss
 from recbole_mm.sampler.candidate_sets import CandidateSetSampler, label_pairs
 from recbole_mm.trainer.checkpoint import atomic_save, safe_load
 from recbole_mm.trainer.ranker import ranker_autocast
+from recbole_mm.trainer.tracking import progress
 
 PREFERENCE_KEYS = ("pref_set_likelihood", "pref_beta", "pref_learning_rate", "pref_weight_decay", "pref_dropout",
                    "pref_epochs", "pref_batch_size", "pref_train_examples", "pref_warmup_steps", "pref_max_grad_norm",
@@ -43,8 +43,9 @@ class PreferenceTrainer:
     written to ``out_dir/progress.pth`` (weights only), from which an interrupted run resumes.
     """
 
-    def __init__(self, model, config, out_dir: str, validate: Callable[[], dict]):
+    def __init__(self, model, config, out_dir: str, validate: Callable[[], dict], tracker=None):
         self.model, self.config, self.out_dir, self.validate = model, config, out_dir, validate
+        self.tracker = tracker  # a recbole_mm.trainer.tracking.StageTracker (tensorboard / wandb), or None
         self.retriever = model.retriever
         self.logger = getLogger()
         if config["pref_set_likelihood"] not in SET_LIKELIHOODS:
@@ -153,12 +154,14 @@ class PreferenceTrainer:
             best, bad = first["score"], 0
             best_state = {k: v.detach().cpu().clone() for k, v in self.retriever.state_dict().items()}
             self.history.append({"step": 0, **first})
+            if self.tracker:
+                self.tracker.log(0, **{f"valid_{k}": v for k, v in first.items()})
             self.logger.info(f"[PRIME] stage preference: {per_epoch} prefixes per epoch, {total} steps; "
                              f"before: {first}")
             self._save_progress(0, scheduler, best, best_state, bad)
         stop = bad >= cfg["pref_patience"]
-        started = time.perf_counter()
         step = start_step
+        bar = progress(total, "preference", cfg, initial=start_step, unit="step")
         for epoch in range(cfg["pref_epochs"]):
             if stop:
                 break
@@ -181,15 +184,19 @@ class PreferenceTrainer:
                 self.optimizer.step()
                 scheduler.step()
                 step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{best:.4f}")
+                if self.tracker:
+                    self.tracker.log(step, loss=loss.item(), ranker_prompts=self.ranker_prompts,
+                                     **{k: v for k, v in parts.items()})
                 if step % cfg["ranker_log_every"] == 0 or step == total:
-                    elapsed = time.perf_counter() - started
-                    done = step - start_step
                     self.logger.info(f"[PRIME] stage preference: step {step}/{total} loss {loss.item():.4f} "
-                                     f"{parts} ranker prompts {self.ranker_prompts} elapsed {elapsed:.0f}s "
-                                     f"ETA {elapsed / done * (total - step):.0f}s")
+                                     f"{parts} ranker prompts {self.ranker_prompts}")
                 if step % cfg["pref_valid_every"] == 0 or step == total:
                     result = self.validate()
                     self.history.append({"step": step, "loss": loss.item(), **result})
+                    if self.tracker:
+                        self.tracker.log(step, **{f"valid_{k}": v for k, v in result.items()})
                     self.logger.info(f"[PRIME] stage preference: step {step}: {result} (best {best:.4f})")
                     if result["score"] > best:
                         best, bad = result["score"], 0
@@ -202,6 +209,7 @@ class PreferenceTrainer:
                         self.logger.info(f"[PRIME] stage preference: early stop after {bad} validations "
                                          "without improvement")
                         break
+        bar.close()
         self.retriever.load_state_dict(best_state)
         self.retriever.eval()
         return {"best_valid_score": best, "steps": step, "total_steps": total, "prefixes_per_epoch": per_epoch,

@@ -15,6 +15,7 @@ from recbole_mm.trainer.artifacts import StageStore, dataset_fingerprint, finger
 from recbole_mm.trainer.checkpoint import atomic_save, checkpoint_entries, load_model_state, plain_config, safe_load
 from recbole_mm.trainer.preference import PREFERENCE_KEYS, PreferenceTrainer
 from recbole_mm.trainer.ranker import RankerExamples, RankerTrainer, ranked_ndcg
+from recbole_mm.trainer.tracking import StageTracker
 
 RANKER_KEYS = ("ranker_model", "ranker_small", "ranker_quantization", "ranker_dtype", "lora_r", "lora_alpha",
                "lora_dropout", "prompt_variant", "prompt_domain", "max_history_items", "attr_max_tokens",
@@ -48,6 +49,8 @@ class PRIMETrainer(Trainer):
         self.retriever_key = None
         self.ranker_key = None
         self.artifacts: dict[str, str] = {}
+        #: validation curves per stage (retriever epochs, ranker and preference steps), for reports
+        self.curves: dict[str, list] = {}
 
     # ----------------------------------------------------------------------------- stages
     def _stage(self, name: str, started: float, **info):
@@ -84,11 +87,12 @@ class PRIMETrainer(Trainer):
             result = _train_and_evaluate(rconf, saved=True, resume=None)
             atomic_save(safe_load(result["saved_model_file"], map_location="cpu")["state_dict"], str(path))
             info = {k: result.get(k) for k in ("best_valid_result", "test_result", "epochs_run", "best_epoch",
-                                               "time_per_epoch_s", "total_time_s")}
+                                               "time_per_epoch_s", "total_time_s", "epoch_log")}
             self.stages.finish("retriever", key, info)
         self.model.retriever.load_state_dict(safe_load(str(path), map_location=self.device))
         self.artifacts["retriever"] = str(path)
-        self._stage("retriever", started, key=key, **info)
+        self.curves["retriever"] = (done or info).get("epoch_log") or []
+        self._stage("retriever", started, key=key, **{k: v for k, v in info.items() if k != "epoch_log"})
         self.retriever_key = key
         return key
 
@@ -177,7 +181,7 @@ class PRIMETrainer(Trainer):
         folder = self.stages.folder("ranker", key)
         ranker = self.build_ranker(train_data._dataset)
         done = self.stages.done("ranker", key)
-        trainer = RankerTrainer(ranker, self.config, str(folder))
+        trainer = RankerTrainer(ranker, self.config, str(folder), tracker=StageTracker.for_trainer(self, "ranker"))
         if done:
             self.logger.info(f"[PRIME] stage ranker: reusing {folder / 'adapter.pth'}")
             trainer.load_adapter(safe_load(str(folder / "adapter.pth"), map_location="cpu"))
@@ -189,6 +193,7 @@ class PRIMETrainer(Trainer):
             info = {"best_valid_ndcg@10_sample": best, "train_prompts": len(train), "valid_users": len(valid),
                     "trainable_share": ranker.backbone.trainable_share, "history": trainer.history}
             self.stages.finish("ranker", key, info)
+        self.curves["ranker"] = (done or info).get("history") or []
         ranker.model.eval()
         self.model.ranker = ranker
         self.ranker_key = key
@@ -216,7 +221,8 @@ class PRIMETrainer(Trainer):
         else:
             init_seed(self.config["seed"], self.config["reproducibility"])  # as for stage 2
             trainer = PreferenceTrainer(self.model, self.config, str(folder),
-                                        validate=lambda: self.preference_validation(valid_data))
+                                        validate=lambda: self.preference_validation(valid_data),
+                                        tracker=StageTracker.for_trainer(self, "preference"))
             history = getattr(train_data, "prefix_history", None) if self.config["mask_history"] else None
             info = trainer.fit(train_data._dataset, self.device, history=history,
                                positions=getattr(train_data, "prefix_positions", None))
@@ -224,14 +230,19 @@ class PRIMETrainer(Trainer):
             self.stages.finish("preference", key, info)
         self.model.retriever.load_state_dict(safe_load(str(path), map_location=self.device))
         self.artifacts["retriever_refined"] = str(path)
+        self.curves["preference"] = info.get("history") or []
         self._stage("preference", started, key=key, **info)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.saved_model_file = None  # PRIME's weights are its stage artefacts (see extra_results)
-        self.train_retriever()
-        self.train_ranker(train_data, valid_data)
-        if self.config["preference_optimization"]:
-            self.optimize_retriever(train_data, valid_data)
+        try:
+            self.train_retriever()
+            self.train_ranker(train_data, valid_data)
+            if self.config["preference_optimization"]:
+                self.optimize_retriever(train_data, valid_data)
+        except BaseException:
+            self.stages.remove_unfinished_empty()  # a stage that failed early leaves no empty folder
+            raise
         self._phase = "valid"
         result = self.evaluate(valid_data, load_best_model=False, show_progress=show_progress)
         self._phase = "test"
@@ -248,8 +259,7 @@ class PRIMETrainer(Trainer):
         self._mode = "retriever"
         self.retriever_results[self._phase] = super().evaluate(eval_data, load_best_model=False,
                                                               show_progress=show_progress)
-        self._mode, self._ranked_rows = "composed", 0
-        self._progress = {"batches": len(eval_data), "done": 0, "started": time.perf_counter()}
+        self._mode, self._ranked_rows = "composed", 0  # RecBole's evaluate shows the tqdm bar (show_progress)
         result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
         self.logger.info(f"[PRIME] {self._phase}: retriever alone {dict(self.retriever_results[self._phase])}")
         self.logger.info(f"[PRIME] {self._phase}: retriever + ranker {dict(result)}")
@@ -276,18 +286,9 @@ class PRIMETrainer(Trainer):
             ranker_scores = torch.cat(ranked).to(scores.device) if ranked else scores.new_zeros(0, k)
             scores = self.model.compose(scores, candidates, rows, ranker_scores)
             self._ranked_rows += len(rows)
-            self._log_progress()
         return interaction, scores, positive_u, positive_i
-
-    def _log_progress(self):
-        p = self._progress
-        p["done"] += 1
-        elapsed = time.perf_counter() - p["started"]
-        self.logger.info(f"[PRIME] evaluate {self._phase}: batch {p['done']}/{p['batches']}, "
-                         f"{self._ranked_rows} users ranked, elapsed {elapsed:.0f}s, "
-                         f"ETA {elapsed / p['done'] * (p['batches'] - p['done']):.0f}s")
 
     def extra_results(self) -> dict:
         return {"retriever_valid_result": dict(self.retriever_results.get("valid", {})),
                 "retriever_test_result": dict(self.retriever_results.get("test", {})),
-                "stages": self.stage_log, "artifacts": self.artifacts}
+                "stages": self.stage_log, "artifacts": self.artifacts, "curves": self.curves}

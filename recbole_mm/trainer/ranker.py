@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 from logging import getLogger
 
 import torch
 
 from recbole_mm.trainer.checkpoint import atomic_save
+from recbole_mm.trainer.tracking import progress
 
 
 @dataclass
@@ -77,8 +77,9 @@ class RankerTrainer:
     The best adapter weights are kept and written to ``out_dir/adapter.pth`` (weights only).
     """
 
-    def __init__(self, ranker, config, out_dir: str):
+    def __init__(self, ranker, config, out_dir: str, tracker=None):
         self.ranker, self.config, self.out_dir = ranker, config, out_dir
+        self.tracker = tracker  # a recbole_mm.trainer.tracking.StageTracker (tensorboard / wandb), or None
         self.logger = getLogger()
         self.params = [p for p in ranker.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config["ranker_learning_rate"], weight_decay=0.0)
@@ -115,7 +116,10 @@ class RankerTrainer:
         self.logger.info(f"[ranker] {len(train)} training prompts, {total} optimizer steps, "
                          f"{len(valid)} validation users; NDCG@10 before training {best:.4f}")
         self.history.append({"step": 0, "valid_ndcg@10": best})
-        started, stop = time.perf_counter(), False
+        if self.tracker:
+            self.tracker.log(0, **{"valid_ndcg@10": best})
+        stop = False
+        bar = progress(total, "ranker", cfg, unit="step")
         self.ranker.model.train()
         for epoch in range(cfg["ranker_epochs"]):
             order = torch.randperm(len(train), generator=generator)
@@ -131,13 +135,17 @@ class RankerTrainer:
                 scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{best:.4f}")
+                if self.tracker:
+                    self.tracker.log(step, loss=loss.item(), lr=scheduler.get_last_lr()[0])
                 if step % cfg["ranker_log_every"] == 0 or step == total:
-                    elapsed = time.perf_counter() - started
-                    self.logger.info(f"[ranker] step {step}/{total} loss {loss.item():.4f} "
-                                     f"elapsed {elapsed:.0f}s ETA {elapsed / step * (total - step):.0f}s")
+                    self.logger.info(f"[ranker] step {step}/{total} loss {loss.item():.4f}")
                 if step % cfg["ranker_valid_every"] == 0 or step == total:
                     score = self.validate(valid)
                     self.history.append({"step": step, "valid_ndcg@10": score, "loss": loss.item()})
+                    if self.tracker:
+                        self.tracker.log(step, **{"valid_ndcg@10": score})
                     self.logger.info(f"[ranker] step {step}: valid NDCG@10 {score:.4f} (best {best:.4f})")
                     if score > best:
                         best, best_state, bad = score, lora_state(self.ranker.model), 0
@@ -149,6 +157,7 @@ class RankerTrainer:
                             break
             if stop:
                 break
+        bar.close()
         self.load_adapter(best_state)
         atomic_save(best_state, os.path.join(self.out_dir, "adapter.pth"))
         return best
