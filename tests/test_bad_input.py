@@ -180,6 +180,7 @@ def test_prime_with_more_candidates_than_items(tmp_path, capsys):
 
     make_fixture(tmp_path / "d", "few", FixtureSpec(n_users=30, n_items=12, min_len=5, max_len=9, seed=3))
     line = _run_cli(capsys, "--model=PRIME", "--dataset=few", f"--data_path={tmp_path / 'd'}", "--n_candidates=20",
+                    "--ranker_model=small",  # the preflight would first try to reach the hub
                     "--topk=[5,10]", "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}", "--state=ERROR",
                     f"--artifacts_dir={tmp_path / 'art'}")
     assert "n_candidates=20: dataset 'few' has only 12 items" in line
