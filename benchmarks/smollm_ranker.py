@@ -180,10 +180,16 @@ def report() -> None:
         if "score_s_per_prompt" in r:
             notes.append(f"{r['score_s_per_prompt']:.2f} s/prompt scoring")
         notes.append(f"load {' '.join(r['load'])}")
-        lines.append(f"| {label} | {r['ranker_model']} | {r['ndcg@10']:.4f} ± {r['ndcg@10_se']:.4f} | "
+        backbone = "none (LRURec)" if r["row"] == "retriever" else r["ranker_model"]
+        lines.append(f"| {label} | {backbone} | {r['ndcg@10']:.4f} ± {r['ndcg@10_se']:.4f} | "
                      f"{r['recall@10']:.4f} ± {r['recall@10_se']:.4f} | {r['mrr@10']:.4f} ± {r['mrr@10_se']:.4f} | "
                      f"{r['within_ndcg@10']:.4f} ± {r['within_ndcg@10_se']:.4f} | {r['hit_users']}/{r['users']} | "
                      f"{'; '.join(notes)} |")
+    if base:
+        k = base["n_candidates"]
+        uniform = sum(1 / math.log2(r + 2) for r in range(min(10, k))) / k
+        lines += ["", f"Reference: a uniformly random order of the {k} candidates has expected within-candidates "
+                  f"NDCG@10 {uniform:.4f}."]
     curves = [r for r in rows if r.get("history")]
     if curves:
         lines += ["", "Validation curves of stage 2 (NDCG@10 on the preset's validation users, retriever "
