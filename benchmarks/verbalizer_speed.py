@@ -36,6 +36,7 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--config_files", default="prime-cpu")
     parser.add_argument("--ranker_model", default=None)
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/verbalizer_speed_<dataset>.md")
     args = parser.parse_args()
 
     from recbole.utils import init_seed
@@ -96,7 +97,9 @@ def main() -> int:
     lines = [f"# Verbalizer vs generation: {args.dataset}", "",
              f"Command: `python benchmarks/verbalizer_speed.py --dataset={args.dataset} --data_path={args.data_path} "
              f"--users={args.users} --config_files={args.config_files}"
-             f"{f' --ranker_model={args.ranker_model}' if args.ranker_model else ''}`", "",
+             f"{f' --ranker_model={args.ranker_model}' if args.ranker_model else ''}"
+             f"{f' --out={args.out}' if args.out else ''}`; load average at the end "
+             f"{' '.join(open('/proc/loadavg').read().split()[:3])}", "",
              f"Ranker: `{config['ranker_model']}` ({'vision-language' if ranker.backbone.is_vision else 'text'}, "
              f"{sum(p.numel() for p in lm.parameters()):,} parameters), "
              f"{torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'}, "
@@ -110,7 +113,7 @@ def main() -> int:
     for kind in ("letters", "titles"):
         lines.append(f"| generate ranked {kind} | {statistics.median(new_tokens[kind]):.0f} | {med[kind]:.4f} "
                      f"| {med[kind] / med['verbalizer']:.1f}x slower | {e2e[kind]:.4f} | {e2e[kind] / e2e['verbalizer']:.1f}x slower |")
-    out = f"benchmarks/results/verbalizer_speed_{args.dataset}.md"
+    out = args.out or f"benchmarks/results/verbalizer_speed_{args.dataset}.md"
     with open(out, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -51,6 +51,7 @@ class BackboneSettings:
     gradient_checkpointing: bool = False
     min_pixels: int | None = None     # processor image-size limits (Qwen-VL family)
     max_pixels: int | None = None
+    cache_dir: str | None = None      # where a .gguf model's dequantized copy is kept (see lmm/gguf.py)
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:
@@ -323,6 +324,10 @@ def load_backbone(settings: BackboneSettings) -> Backbone:
     if name == "small":
         raise BackboneLoadError("'small' names the small local model, which must be built first: "
                                 "recbole_mm.lmm.small.build_small_vlm(out_dir, texts) returns the folder to load")
+    from recbole_mm.lmm.gguf import dequantized_folder, is_gguf_name
+
+    if is_gguf_name(name):  # 'smollm2' or a .gguf file: load its dequantized copy (made on first use)
+        name = dequantized_folder(name, settings.cache_dir)
     path = os.path.expanduser(name)
     local = os.path.isdir(path)
     if not local and _looks_local(name):

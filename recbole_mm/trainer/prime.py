@@ -121,7 +121,8 @@ class PRIMETrainer(Trainer):
             name_or_path=name, quantization=cfg["ranker_quantization"], dtype=cfg["ranker_dtype"],
             lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
             trust_remote_code=cfg["trust_remote_code"], gradient_checkpointing=cfg["gradient_checkpointing"],
-            min_pixels=cfg["image_min_pixels"], max_pixels=cfg["image_max_pixels"]))
+            min_pixels=cfg["image_min_pixels"], max_pixels=cfg["image_max_pixels"],
+            cache_dir=cfg["artifacts_dir"]))
         if cfg["ranker_quantization"] != "4bit" and not getattr(backbone.model, "is_loaded_in_4bit", False):
             backbone.model.to(self.device)
         settings = PromptSettings(max_history=cfg["max_history_items"], attr_max_tokens=cfg["attr_max_tokens"],
