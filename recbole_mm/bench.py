@@ -254,6 +254,22 @@ def write_tables(results, dataset: str, out: str, command: str) -> list[dict]:
     return rows
 
 
+def stored_groups(run_dir: str, names: dict[str, list[str]], missing: str) -> list[tuple[str, list[dict]]]:
+    """``[(model, [stored run result, ...])]`` for ``{model: [run name, ...]}``, each result with its
+    ``bench_name``; a missing run file is a one-line exit with ``missing`` (``{path}`` filled in)."""
+    groups = []
+    for model, run_names in names.items():
+        runs = []
+        for name in run_names:
+            path = os.path.join(run_dir, f"{name}.json")
+            if not os.path.isfile(path):
+                raise SystemExit(missing.format(path=path))
+            with open(path, encoding="utf-8") as f:
+                runs.append({**json.load(f), "bench_name": name})
+        groups.append((model, runs))
+    return groups
+
+
 def _load_stored(out: str, models: list[str] | None, seeds: list[int] | None) -> tuple[str, str, list]:
     """The stored runs of a table (its manifest, or one ``<model>.json`` per model)."""
     run_dir = out + "_runs"
@@ -268,16 +284,8 @@ def _load_stored(out: str, models: list[str] | None, seeds: list[int] | None) ->
             raise SystemExit(f"--regenerate: {manifest_path} not found; give --models too")
         names = {m: [run_name(m, s, seeds or [DEFAULT_SEED]) for s in (seeds or [DEFAULT_SEED])] for m in models}
         dataset, command = None, None
-    groups = []
-    for model, run_names in names.items():
-        runs = []
-        for name in run_names:
-            path = os.path.join(run_dir, f"{name}.json")
-            if not os.path.isfile(path):
-                raise SystemExit(f"--regenerate: stored run {path} not found; run the benchmark without --regenerate")
-            with open(path, encoding="utf-8") as f:
-                runs.append({**json.load(f), "bench_name": name})
-        groups.append((model, runs))
+    groups = stored_groups(run_dir, names, "--regenerate: stored run {path} not found; run the benchmark "
+                                           "without --regenerate")
     if dataset is None:
         dataset = groups[0][1][0].get("dataset", "")
         command = "recbole-mm-bench " + " ".join(groups[0][1][0].get("bench_args", []))

@@ -90,19 +90,13 @@ def load(prefix: str | os.PathLike) -> dict:
     else:
         raise SystemExit(f"recbole-mm-report: nothing found for {prefix}: expected {manifest}, {run_dir}/ "
                          f"or {prefix}.json (write them with recbole-mm-bench or --result_file)")
-    groups = []
-    for model, names in wanted.items():
-        runs = []
-        for run in names:
-            path = os.path.join(run_dir, f"{run}.json")
-            if not os.path.isfile(path):
-                raise SystemExit(f"recbole-mm-report: stored run {path} not found")
-            with open(path, encoding="utf-8") as f:
-                result = json.load(f)
+    from recbole_mm.bench import stored_groups
+
+    groups = stored_groups(run_dir, wanted, "recbole-mm-report: stored run {path} not found")
+    for _, runs in groups:
+        for result in runs:
             if not result.get("epoch_log"):
-                result["epoch_log"] = curve_from_log(os.path.join(run_dir, f"{run}.log"))
-            runs.append(result)
-        groups.append((model, runs))
+                result["epoch_log"] = curve_from_log(os.path.join(run_dir, f"{result['bench_name']}.log"))
     dataset = groups[0][1][0].get("dataset", "") if groups else ""
     return {"name": name, "dataset": dataset, "groups": groups, "single": None}
 
