@@ -122,8 +122,25 @@ def test_trained_model_reloads_in_a_new_process_with_the_same_metrics_and_recomm
             assert {i["retriever_rank"] for i in rec["items"]} <= set(range(1, 7))
             ranker = [i["ranker_score"] for i in rec["items"]]
             assert ranker == sorted(ranker, reverse=True)
+        _adapter_loads_with_peft(stored["artifacts"])
     if case == "VLM4Rec":
         assert "text_embeddings" in stored["artifacts"] and "checkpoint" not in stored["artifacts"]
+
+
+def _adapter_loads_with_peft(artifacts):
+    """The ranker's LoRA adapter, saved with peft's save_pretrained, loads with plain peft +
+    transformers onto the backbone, and holds exactly the weights of the run's adapter.pth."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    folder = artifacts["ranker_adapter_peft"]["path"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(folder))
+    base = AutoModelForImageTextToText.from_pretrained(artifacts["ranker_backbone"]["path"])
+    loaded = dict(PeftModel.from_pretrained(base, folder).named_parameters())
+    trained = torch.load(artifacts["ranker_adapter"]["path"], weights_only=True)
+    assert trained and all("lora_" in name for name in trained)
+    for name, value in trained.items():
+        torch.testing.assert_close(loaded[name].detach(), value, rtol=0, atol=0)
 
 
 def test_missing_or_changed_artefact_and_changed_data_are_one_line_errors(tiny_dataset, tmp_path):
