@@ -199,3 +199,44 @@ def test_unknown_user_or_item_and_cli_output(tiny_dataset, tmp_path):
     proc = subprocess.run(cli + ["--user=ghost"], capture_output=True, text=True, cwd=str(tmp_path), env=env)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: unknown user 'ghost'")
     assert "Traceback" not in proc.stderr
+
+
+def test_explain_prime_prompt_candidates_and_letter_probabilities(tiny_dataset, tmp_path):
+    from recbole_mm.explain import explain
+    from recbole_mm.recommend import Recommender
+
+    data_path, name = tiny_dataset
+    result = run_recbole_mm("PRIME", name, config_dict=_prime_config(data_path, tmp_path))
+    rec = Recommender.from_file(result["saved_model_file"])
+    out = explain(rec, str(tmp_path / "why.md"), user="u0007", k=5)
+    text = open(out, encoding="utf-8").read()
+    top = rec.recommend(users=["u0007"], k=6)[0]["items"]  # k = n_candidates: every candidate
+    table = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "`" in line]
+    candidates = [row for row in table if len(row) == 8]
+    assert [row[1].strip(" `") for row in candidates] == [i["item"] for i in top]  # ranker order = recommend order
+    assert sorted(int(row[4]) for row in candidates) == list(range(1, 7))  # the retriever's top 6
+    assert [int(row[6]) for row in candidates] == list(range(1, 7))
+    assert sum(float(row[7]) for row in candidates) == pytest.approx(1.0, abs=0.01)
+    for row, item in zip(candidates, top):
+        assert float(row[5]) == pytest.approx(item["ranker_score"], abs=1e-4)
+        assert int(row[4]) == item["retriever_rank"]
+    prompt = text.split("```text\n", 1)[1].split("\n```", 1)[0]
+    images = sorted(os.listdir(tmp_path / "why_images"))
+    assert images and prompt.count("<|image_pad|>") == len(images)  # one placeholder per written image
+    for token in rec.recommend(users=["u0007"], k=6)[0]["history"][-4:]:  # max_history_items=4
+        assert rec.title(rec.item_id(token)) in prompt
+
+
+def test_explain_vlm4rec_history_shares_add_up_to_each_score(tiny_dataset, tmp_path):
+    from recbole_mm.explain import explain, history_shares
+    from recbole_mm.recommend import Recommender
+
+    data_path, name = tiny_dataset
+    result = run_recbole_mm("VLM4Rec", name, config_dict=_vlm4rec_config(data_path, tmp_path, "text"))
+    rec = Recommender.from_file(result["saved_model_file"])
+    answer = rec.recommend(users=["u0001"], k=5)[0]
+    window = [rec.item_id(t) for t in answer["history"]][-rec.config["MAX_ITEM_LIST_LENGTH"]:]
+    for item in answer["items"]:  # the score comes from full_sort_predict; the shares from the item vectors
+        assert sum(history_shares(rec, window, item["item"])) == pytest.approx(item["score"], abs=1e-5)
+    text = open(explain(rec, str(tmp_path / "why.md"), user="u0001", k=5), encoding="utf-8").read()
+    assert "Which history items make each recommendation" in text and answer["items"][0]["item"] in text
