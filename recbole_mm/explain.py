@@ -84,10 +84,16 @@ def _prime(rec, ids, uid, path) -> list[str]:
         os.makedirs(folder, exist_ok=True)
         lines += [f"{len(images)} images, in the order of the image placeholders in the text "
                   f"(files in `{stem}_images/`):", ""]
-        for n, image in enumerate(images, 1):
+        # the prompt takes one image per item that has one: history items first, then the candidates
+        owners = [f"history item {n} `{rec.item_tokens[i]}`" for n, i in enumerate(history, 1)]
+        owners += [f"candidate ({letters[j]}) `{rec.item_tokens[i]}`" for j, i in enumerate(candidates)]
+        with_image = [o for o, i in zip(owners, list(history) + candidates) if ranker.store.has_image(i)]
+        if len(with_image) != len(images):
+            with_image = [""] * len(images)
+        for n, (image, owner) in enumerate(zip(images, with_image), 1):
             name = f"image{n:02d}.png"
             image.save(os.path.join(folder, name))
-            lines.append(f"{n}. ![image {n}]({stem}_images/{name})")
+            lines.append(f"{n}. {owner} ![image {n}]({stem}_images/{name})")
         lines.append("")
     else:
         lines += ["No images (the backbone is text-only or the prompt variant drops them).", ""]
