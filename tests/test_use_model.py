@@ -123,6 +123,11 @@ def test_trained_model_reloads_in_a_new_process_with_the_same_metrics_and_recomm
             ranker = [i["ranker_score"] for i in rec["items"]]
             assert ranker == sorted(ranker, reverse=True)
         _adapter_loads_with_peft(stored["artifacts"])
+        from recbole_mm.quick_start import load_data_and_model
+
+        os.remove(stored["artifacts"]["ranker_adapter"]["path"])
+        with pytest.raises(CheckpointError, match=r"its ranker_adapter file .*adapter.pth is missing"):
+            load_data_and_model(result["saved_model_file"])
     if case == "VLM4Rec":
         assert "text_embeddings" in stored["artifacts"] and "checkpoint" not in stored["artifacts"]
 
