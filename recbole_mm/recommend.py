@@ -25,7 +25,7 @@ class Recommender:
     A user's input is their whole interaction sequence in the dataset (oldest first; sequential
     models read its last ``MAX_ITEM_LIST_LENGTH`` items), so the answer is the next item after
     everything the dataset holds. With the run's ``mask_history: True`` the input items are never
-    recommended. Two-stage models (PRIME) rank the retriever's top ``n_candidates`` by the ranker
+    recommended (non-sequential models: never, as in RecBole's full-ranking evaluation). Two-stage models (PRIME) rank the retriever's top ``n_candidates`` by the ranker
     first, then every other item in the retriever's order, as in evaluation; each PRIME item also
     carries its retriever score and rank and (for candidates) its ranker score.
     """
@@ -120,7 +120,9 @@ class Recommender:
         """Scores of every item for each input row, with the run's masking; for PRIME also the
         retriever's scores, the candidates and the ranker's scores."""
         inter = self.interaction(histories, uids)
-        mask = self.config["mask_history"]
+        # sequential models: the run's mask_history; other models: RecBole's protocol, which always
+        # excludes a user's known items from full ranking
+        mask = self.config["mask_history"] or not self.sequential
         model = self.model
         out = {}
         if hasattr(model, "retriever_scores"):  # two-stage: retriever, then the ranker on its top-k

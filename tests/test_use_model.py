@@ -245,3 +245,18 @@ def test_explain_vlm4rec_history_shares_add_up_to_each_score(tiny_dataset, tmp_p
         assert sum(history_shares(rec, window, item["item"])) == pytest.approx(item["score"], abs=1e-5)
     text = open(explain(rec, str(tmp_path / "why.md"), user="u0001", k=5), encoding="utf-8").read()
     assert "Which history items make each recommendation" in text and answer["items"][0]["item"] in text
+
+
+def test_general_recbole_model_recommends_known_users_without_their_items(tiny_dataset):
+    from recbole_mm.recommend import Recommender, evaluate_saved
+
+    data_path, name = tiny_dataset
+    cfg = tiny_config(data_path, embedding_size=8)
+    cfg.pop("MAX_ITEM_LIST_LENGTH")
+    result = run_recbole_mm("BPR", name, config_dict=cfg)
+    assert evaluate_saved(result["manifest_file"]) == pytest.approx(result["test_result"], abs=1e-4)
+    rec = Recommender.from_file(result["saved_model_file"])
+    for answer in rec.recommend(users=USERS, k=10):  # RecBole's protocol: known items are never ranked
+        assert not set(answer["history"]) & {i["item"] for i in answer["items"]}
+    with pytest.raises(UserError, match="BPR is not a sequential model"):
+        rec.recommend(history=HISTORY)
