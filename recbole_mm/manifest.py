@@ -17,6 +17,9 @@ from recbole_mm.errors import CheckpointError
 
 MANIFEST_FORMAT = "recbole-mm-manifest"
 MANIFEST_VERSION = 1
+# settings that are paths: stored absolute, so that the run reloads from any working folder
+PATH_KEYS = ("data_path", "checkpoint_dir", "artifacts_dir", "embedding_cache_dir", "description_dir",
+             "retriever_checkpoint")
 
 
 def file_sha256(path: str) -> str:
@@ -83,13 +86,24 @@ def write_manifest(config, result: dict, trainer, model) -> str:
     manifest = {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
         "model": config["model"], "dataset": config["dataset"],
-        "config": plain_config(config), "external_config": plain_config(config, external_only=True),
+        "config": plain_config(config), "external_config": _absolute_paths(plain_config(config, external_only=True), config),
         "dataset_fingerprint": dataset_fingerprint(config),
         "artifacts": {role: artefact_entry(p) for role, p in run_artefacts(result, trainer, model).items()},
         "test_result": {k: float(v) for k, v in (result.get("test_result") or {}).items()},
     }
     atomic_save(manifest, path)
     return path
+
+
+def _absolute_paths(settings: dict, config) -> dict:
+    """``settings`` with every path setting of the run (set or default) made absolute."""
+    for key in PATH_KEYS:
+        value = config[key] if key in config else None
+        if key == "data_path" and value:  # RecBole appends the dataset's name to the folder given
+            value = os.path.dirname(os.path.normpath(value))
+        if isinstance(value, str) and value:
+            settings[key] = os.path.abspath(value)
+    return settings
 
 
 def is_manifest(obj) -> bool:

@@ -260,3 +260,20 @@ def test_general_recbole_model_recommends_known_users_without_their_items(tiny_d
         assert not set(answer["history"]) & {i["item"] for i in answer["items"]}
     with pytest.raises(UserError, match="BPR is not a sequential model"):
         rec.recommend(history=HISTORY)
+
+
+def test_reload_from_another_working_folder_with_relative_paths(tmp_path, monkeypatch):
+    """A run given relative paths (data, checkpoints, artefacts) reloads from any folder."""
+    from recbole_mm.data.fixtures import FixtureSpec, make_fixture
+    from recbole_mm.recommend import Recommender
+
+    make_fixture(tmp_path / "data", "mmfix", FixtureSpec(n_users=30, n_items=20, min_len=5, max_len=10, seed=2))
+    cfg = _vlm4rec_config("data", tmp_path, "text")
+    cfg["artifacts_dir"] = "artefacts"
+    result = run_recbole_mm("VLM4Rec", "mmfix", config_dict=cfg)
+    here = Recommender.from_file(result["saved_model_file"]).recommend(users=["u0001"], k=5)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    _same_recommendations(Recommender.from_file(result["saved_model_file"]).recommend(users=["u0001"], k=5), here)
+    assert not (elsewhere / "artefacts").exists()  # the run's small text encoder was used, not rebuilt here
