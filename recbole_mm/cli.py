@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["recommend"]:  # `recbole-mm recommend --model_file=... --user=...`
+        from recbole_mm.recommend import main as recommend_main
+
+        return recommend_main(argv[1:])
     args, rest = build_parser().parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
     if bad:

@@ -74,6 +74,11 @@ def _train_and_evaluate(config, saved: bool, resume: str | None, verbose: bool =
         **peak_memory_mb(),
         "test_per_user": getattr(trainer, "last_per_user", {}),
     }
+    if saved:  # one weights-only file from which the trained model reloads (load_data_and_model)
+        from recbole_mm.manifest import write_manifest
+
+        result["manifest_file"] = write_manifest(config, result, trainer, model)
+        result["saved_model_file"] = result["saved_model_file"] or result["manifest_file"]
     logger.info(f"best valid : {result['best_valid_result']}")
     logger.info(f"test result: {result['test_result']}")
     return result
@@ -119,10 +124,19 @@ def objective_function(config_dict=None, config_file_list=None, saved=True, argv
 
 
 def load_data_and_model(model_file: str):
-    """Rebuild config, data, model (with its trained weights) from a recbole-mm checkpoint."""
+    """Rebuild config, data, model (with its trained weights) from a recbole-mm checkpoint or a run's
+    manifest (``result["saved_model_file"]``, any model, PRIME and VLM4Rec included)."""
     from recbole_mm.trainer.checkpoint import checkpoint_entries, load_model_state, safe_load
 
-    checkpoint = checkpoint_entries(safe_load(model_file), model_file, keys=("config", "external_config", "state_dict"))
+    from recbole_mm.manifest import is_manifest, load_manifest
+
+    if not model_file:
+        raise CheckpointError("no model file given (None): pass the saved_model_file (or manifest_file) of a "
+                              "run_recbole_mm result")
+    loaded = safe_load(model_file)
+    if is_manifest(loaded):
+        return load_manifest(model_file, loaded)
+    checkpoint = checkpoint_entries(loaded, model_file, keys=("config", "external_config", "state_dict"))
     stored = checkpoint["config"]
     config = Config(model=stored["model"], dataset=stored["dataset"], config_dict=checkpoint["external_config"])
     init_seed(config["seed"], config["reproducibility"])

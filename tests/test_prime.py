@@ -61,7 +61,7 @@ def test_prime_end_to_end_and_resume(tiny_dataset, tmp_path):
     assert {"retriever", "ranker", "evaluate_valid", "evaluate_test"} <= set(stages)
     assert "preference" not in stages  # the "w/o preference optimization" ablation
     assert stages["ranker"]["train_prompts"] == 12 and 0 < stages["ranker"]["trainable_share"] < 1
-    assert first["saved_model_file"] is None
+    assert first["saved_model_file"] == first["manifest_file"] and os.path.isfile(first["manifest_file"])
     for path in first["artifacts"].values():
         assert os.path.isfile(path) and torch.load(path, weights_only=True)
     # the ranker only reorders the top-k: recall at the candidate cutoff cannot change

@@ -286,7 +286,7 @@ def test_text_sources_end_to_end(shared, source):
     info = result["vlm4rec"]
     assert info["text"]["text_source"] == source and info["text"]["items_with_text"] == 24
     assert info["scoring"]["users"] > 0 and info["scoring"]["ms_per_user"] > 0
-    assert result["saved_model_file"] is None and "image" not in info
+    assert result["saved_model_file"] == result["manifest_file"] and "image" not in info
     if source == "generated":
         assert info["text"]["describer"]["items"] == 24
     again = run_recbole_mm("VLM4Rec", "mmfix", config_dict=_config(shared, text_source=source))
@@ -305,7 +305,7 @@ def test_fusion_variants_end_to_end(shared, fusion):
         assert torch.load(result["saved_model_file"], weights_only=True)["state_dict"]
         assert 0.0 < result["vlm4rec"]["learned_fusion"]["mean_text_weight"] < 1.0
     else:
-        assert result["saved_model_file"] is None and "epochs_run" not in result
+        assert result["saved_model_file"] == result["manifest_file"] and "epochs_run" not in result
         assert result["vlm4rec"]["learned_fusion"] is None
 
 

@@ -138,7 +138,8 @@ def build_item_representations(config, dataset) -> dict:
         text = np.zeros((n, encoder.dim), dtype=np.float32)
         text[rows] = matrix
         out["text"] = text
-        out["info"]["text"] = {**info, "encoder": encoder.name, "dim": encoder.dim, "pooling": encoder.pooling, **stats}
+        out["info"]["text"] = {**info, "encoder": encoder.name, "dim": encoder.dim, "pooling": encoder.pooling,
+                               "cache": str(cache.path), **stats}
         logger.info(f"[VLM4Rec] text embeddings: {out['info']['text']}")
         del encoder
 
@@ -180,7 +181,8 @@ def build_item_representations(config, dataset) -> dict:
         image = np.zeros((n, dim), dtype=np.float32)
         image[rows] = matrix
         out["image"] = image
-        out["info"]["image"] = {"encoder": encoder.name, "dim": dim, "items_with_image": len(rows), **stats}
+        out["info"]["image"] = {"encoder": encoder.name, "dim": dim, "items_with_image": len(rows),
+                                "cache": str(cache.path), **stats}
         logger.info(f"[VLM4Rec] image embeddings: {out['info']['image']}")
     return out
 

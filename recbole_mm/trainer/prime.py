@@ -186,6 +186,8 @@ class PRIMETrainer(Trainer):
         if done:
             self.logger.info(f"[PRIME] stage ranker: reusing {folder / 'adapter.pth'}")
             trainer.load_adapter(safe_load(str(folder / "adapter.pth"), map_location="cpu"))
+            if not (folder / "adapter" / "adapter_config.json").is_file():  # stages written before peft's format
+                trainer.save_pretrained()
             info = {"reused": True}
         else:
             train, valid = self.training_examples(train_data), self.validation_examples(valid_data)

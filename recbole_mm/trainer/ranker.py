@@ -74,7 +74,8 @@ class RankerTrainer:
     Config keys: ``ranker_learning_rate``, ``ranker_epochs``, ``ranker_batch_size``,
     ``ranker_grad_accum``, ``ranker_warmup_steps``, ``ranker_valid_every`` (optimizer steps),
     ``ranker_patience`` (validations without improvement of NDCG@10), ``ranker_log_every``.
-    The best adapter weights are kept and written to ``out_dir/adapter.pth`` (weights only).
+    The best adapter weights are kept and written to ``out_dir/adapter.pth`` (weights only) and, in
+    peft's format, to ``out_dir/adapter/`` (:meth:`save_pretrained`).
     """
 
     def __init__(self, ranker, config, out_dir: str, tracker=None):
@@ -160,7 +161,25 @@ class RankerTrainer:
         bar.close()
         self.load_adapter(best_state)
         atomic_save(best_state, os.path.join(self.out_dir, "adapter.pth"))
+        self.save_pretrained()
         return best
+
+    def save_pretrained(self) -> str:
+        """The loaded adapter in peft's own format, ``out_dir/adapter/`` (``adapter_config.json`` +
+        ``adapter_model.safetensors``): ``PeftModel.from_pretrained(base, folder)`` loads it anywhere."""
+        folder = os.path.join(self.out_dir, "adapter")
+        tmp = folder + ".part"
+        if os.path.isdir(tmp):
+            import shutil
+
+            shutil.rmtree(tmp)
+        self.ranker.model.save_pretrained(tmp)
+        if os.path.isdir(folder):
+            import shutil
+
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return folder
 
     def load_adapter(self, state: dict) -> None:
         params = dict(self.ranker.model.named_parameters())
