@@ -101,6 +101,12 @@ def _absolute_paths(settings: dict, config) -> dict:
         value = config[key] if key in config else None
         if key == "data_path" and value:  # RecBole appends the dataset's name to the folder given
             value = os.path.dirname(os.path.normpath(value))
+        if key in ("embedding_cache_dir", "description_dir") and key in config and not value:
+            from recbole_mm.paths import description_dir, embedding_cache_dir
+
+            # the defaults lie under this run's working folder: record where this run found them
+            value = str(embedding_cache_dir(config) if key == "embedding_cache_dir"
+                        else description_dir(config, config["description_tag"]))
         if isinstance(value, str) and value:
             settings[key] = os.path.abspath(value)
     return settings
