@@ -145,3 +145,63 @@ def test_prime_reference_preset_switches_every_option():
     from recbole_mm.config_keys import unknown_key_messages
 
     assert unknown_key_messages({"prime-reference.yaml": preset}) == []
+
+
+def test_gumbel_draw_order_is_the_sequential_draw_order():
+    from recbole_mm.sampler.candidate_sets import gumbel_top_k
+
+    log_probs = torch.randn(4, 20, generator=torch.Generator().manual_seed(0)).log_softmax(1)
+    drawn = gumbel_top_k(log_probs, 5, torch.Generator().manual_seed(11), draw_order=True)
+    sorted_ = gumbel_top_k(log_probs, 5, torch.Generator().manual_seed(11))
+    # the same set; draw order = descending Gumbel key, recomputed here from the same uniforms
+    u = torch.rand(log_probs.shape, generator=torch.Generator().manual_seed(11))
+    keys = log_probs - torch.log(-torch.log(u))
+    assert drawn.tolist() == keys.argsort(1, descending=True)[:, :5].tolist()
+    assert [sorted(r) for r in drawn.tolist()] == [sorted(r) for r in sorted_.tolist()]
+
+
+def test_reference_answer_rule_no_redraw_answer_replaces_first_drawn():
+    from recbole_mm.sampler.candidate_sets import BOTH, FORCED, CandidateSetSampler
+
+    logits = torch.zeros(2, 12)
+    logits[:, 0] = -torch.inf
+    logits[0, 7] = 40.0   # row 0: the answer 7 is (almost) certain -> in both sets
+    logits[1, 9] = -60.0  # row 1: the answer 9 is (almost) never drawn -> forced at once
+    log_probs = logits.log_softmax(1)
+    pairs = CandidateSetSampler(k=3, max_tries=4, rule="reference").sample(
+        log_probs, torch.tensor([7, 9]), torch.Generator().manual_seed(3))
+    assert pairs.outcome.tolist() == [BOTH, FORCED] and pairs.tries.tolist() == [1, 1]
+    # the first set as drawn (same generator state: the first draw of the call), its first item replaced
+    g = torch.Generator().manual_seed(3)
+    from recbole_mm.sampler.candidate_sets import gumbel_top_k
+
+    first = gumbel_top_k(log_probs, 3, g, draw_order=True)
+    assert pairs.first[1].tolist() == [9] + first[1, 1:].tolist()
+    with pytest.raises(ConfigError, match="pref_answer_rule='x'"):
+        CandidateSetSampler(k=3, rule="x")
+
+
+def test_step_units_group_rows_by_user():
+    from types import SimpleNamespace
+
+    from recbole_mm.trainer.preference import step_units
+
+    ds = SimpleNamespace(uid_field="user_id", inter_feat={"user_id": torch.tensor([2, 1, 2, 3, 1, 2])})
+    assert [u.tolist() for u in step_units(ds, "users")] == [[1, 4], [0, 2, 5], [3]]
+    assert step_units(ds, "prefixes") is None
+    with pytest.raises(ConfigError, match="pref_step_unit='rows'"):
+        step_units(ds, "rows")
+
+
+def test_stage3_reference_steps_count_users(tiny_dataset, tmp_path):
+    from recbole_mm.quick_start import run_recbole_mm
+    from test_preference import _stage3_config
+
+    data_path, name = tiny_dataset
+    cfg = _stage3_config(data_path, tmp_path, pref_step_unit="users", pref_batch_size=16, pref_train_examples=None,
+                         pref_answer_rule="reference", pref_valid_every=100)
+    info = run_recbole_mm("PRIME", name, config_dict=cfg)["stages"]["preference"]
+    train = _train_lengths(data_path, name)
+    assert info["prefixes_per_epoch"] == len(train) == 50  # users
+    assert info["total_steps"] == info["steps"] == 4  # ceil(50 / 16)
+    assert sum(info["pairs"].values()) == sum(len(s) - 1 for s in train.values())  # every prefix, once
