@@ -138,7 +138,9 @@ def test_prime_reference_preset_switches_every_option():
                                           "train_batch_size": 64, "stopping_step": 10}
     for key, value in {"ranker_min_history": 4, "ranker_negative_counts": "train_valid_plus_one",
                        "ranker_optimizer": "adamw_8bit", "ranker_weight_decay": 0.01, "ranker_max_grad_norm": 5.0,
-                       "ranker_valid_users": None, "ranker_batch_size": 2}.items():
+                       "ranker_valid_users": None, "ranker_batch_size": 2, "prompt_text": "reference",
+                       "ranker_loss_tokens": "letter_end_newline", "pref_answer_rule": "reference",
+                       "pref_step_unit": "users", "pref_batch_size": 64}.items():
         assert preset[key] == value, key
         assert key in defaults and defaults[key] != value, key  # ours stays the default
     assert preset["ranker_batch_size"] * preset["ranker_grad_accum"] == 32  # the reference's 2 x 16
@@ -205,3 +207,44 @@ def test_stage3_reference_steps_count_users(tiny_dataset, tmp_path):
     assert info["prefixes_per_epoch"] == len(train) == 50  # users
     assert info["total_steps"] == info["steps"] == 4  # ceil(50 / 16)
     assert sum(info["pairs"].values()) == sum(len(s) - 1 for s in train.values())  # every prefix, once
+
+
+def test_reference_prompt_text():
+    from recbole_mm.lmm.prompts import PromptSettings, build_prompt, prompt_text_settings
+
+    item = {"attributes": {"title": "Soap"}, "image": None}
+    text = "".join(p for p in build_prompt([item], [item, item], PromptSettings(
+        variant="no_image", **prompt_text_settings("reference"))).parts if isinstance(p, str))
+    assert text.startswith("Based on the user's browsing history and a collection of candidate items (both provided "
+                           "in JSON format), recommend the most suitable item by specifying its index letter.\n\n"
+                           "Browsing history:\n")
+    assert "\n\nCandidate items:\n(A) " in text and "Answer with" not in text
+    assert prompt_text_settings("ours") == {}
+    with pytest.raises(ConfigError, match="prompt_text='paper'"):
+        prompt_text_settings("paper")
+
+
+def test_loss_with_newline_covers_letter_end_of_turn_and_newline(monkeypatch, tiny_dataset, tmp_path):
+    from recbole_mm.lmm import ranker as ranker_module
+    from recbole_mm.lmm.verbalizer import response_text
+
+    data_path, name = tiny_dataset
+    _, train_data, valid_data, trainer = _prime_loaders(data_path, name, tmp_path, False)
+    trainer.config["ranker_loss_tokens"] = "letter_end_newline"
+    ranker = trainer.build_ranker(train_data._dataset)
+    assert ranker.loss_newline
+    seen = []
+    real = ranker_module.letter_labels
+    monkeypatch.setattr(ranker_module, "letter_labels", lambda ids, mask, n: seen.append((ids, mask, n)) or real(ids, mask, n))
+    examples = trainer.training_examples(train_data, valid_data).subset(range(2))
+    loss = ranker.loss(examples.histories, examples.candidates, examples.answer_pos)
+    assert torch.isfinite(loss)
+    ids, mask, n = seen[0]
+    tok = ranker.tokenizer
+    last = int(mask[0].nonzero().max())
+    letter = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[int(examples.answer_pos[0])]
+    # the labelled tokens decode to exactly the response: letter, end-of-turn, newline
+    assert tok.decode(ids[0, last - n + 1:last + 1]) == response_text(tok, letter) + "\n"
+    trainer.config["ranker_loss_tokens"] = "letters"
+    with pytest.raises(ConfigError, match="ranker_loss_tokens='letters'"):
+        trainer.build_ranker(train_data._dataset)

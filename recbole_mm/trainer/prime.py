@@ -23,7 +23,7 @@ RANKER_KEYS = ("ranker_model", "ranker_small", "ranker_quantization", "ranker_dt
                "ranker_valid_users", "ranker_learning_rate", "ranker_epochs", "ranker_batch_size",
                "ranker_grad_accum", "ranker_warmup_steps", "ranker_valid_every", "ranker_patience",
                "n_candidates", "seed", "mask_history", "ranker_min_history", "ranker_negative_counts",
-               "ranker_optimizer", "ranker_weight_decay", "ranker_max_grad_norm")
+               "ranker_optimizer", "ranker_weight_decay", "ranker_max_grad_norm", "prompt_text", "ranker_loss_tokens")
 # settings that change what is reported, never the trained weights: not part of a stage's key
 EVALUATION_ONLY_KEYS = ("metrics", "topk", "eval_batch_size", "show_progress", "state", "checkpoint_dir")
 
@@ -37,6 +37,16 @@ def prefix_filter(users: torch.Tensor, lengths: torch.Tensor, min_history: int) 
         return torch.ones(len(users), dtype=torch.bool)
     longest = torch.zeros(int(users.max()) + 1, dtype=torch.long).scatter_reduce(0, users, lengths, "amax")
     return (lengths >= min_history) | ((lengths == longest[users]) & (longest[users] < min_history))
+
+
+def loss_newline(name: str) -> bool:
+    """``ranker_loss_tokens``: ``letter_end`` (ours) or ``letter_end_newline`` (the reference code's
+    loss also covers the newline after the end-of-turn token, ``trainer/lmm.py:69-70``)."""
+    from recbole_mm.errors import ConfigError
+
+    if name not in ("letter_end", "letter_end_newline"):
+        raise ConfigError(f"ranker_loss_tokens={name!r}: choose letter_end or letter_end_newline")
+    return name == "letter_end_newline"
 
 
 def popularity_counts(train, valid, seq_field: str, len_field: str, target_field: str) -> torch.Tensor:
@@ -126,7 +136,7 @@ class PRIMETrainer(Trainer):
         """Load the LMM backbone (building the small local model if asked) with LoRA."""
         from recbole_mm.data.item_store import ItemStore
         from recbole_mm.lmm.backbone import BackboneSettings, load_backbone
-        from recbole_mm.lmm.prompts import PromptSettings
+        from recbole_mm.lmm.prompts import PromptSettings, prompt_text_settings
         from recbole_mm.lmm.ranker import LMMRanker
 
         cfg = self.config
@@ -152,8 +162,10 @@ class PRIMETrainer(Trainer):
         if cfg["ranker_quantization"] != "4bit" and not getattr(backbone.model, "is_loaded_in_4bit", False):
             backbone.model.to(self.device)
         settings = PromptSettings(max_history=cfg["max_history_items"], attr_max_tokens=cfg["attr_max_tokens"],
-                                  variant=cfg["prompt_variant"], domain=cfg["prompt_domain"])
-        return LMMRanker(backbone, store, settings, device=self.device)
+                                  variant=cfg["prompt_variant"], domain=cfg["prompt_domain"],
+                                  **prompt_text_settings(cfg["prompt_text"]))
+        return LMMRanker(backbone, store, settings, device=self.device,
+                         loss_newline=loss_newline(cfg["ranker_loss_tokens"]))
 
     def training_examples(self, train_data, valid_data=None) -> RankerExamples:
         """One prompt per training prefix with at least ``ranker_min_history`` history items (capped):
