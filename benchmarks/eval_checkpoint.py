@@ -16,7 +16,7 @@ def evaluate(path: str) -> dict:
     config, model, _, _, valid_data, test_data = load_data_and_model(path)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return {"checkpoint": path, "best_epoch": ckpt.get("cur_epoch"), "valid_metric": config["valid_metric"],
+    return {"checkpoint": path, "best_epoch": ckpt.get("epoch"), "valid_metric": config["valid_metric"],
             "best_valid_score": ckpt.get("best_valid_score"),
             "valid_result": dict(trainer.evaluate(valid_data, load_best_model=False)),
             "test_result": dict(trainer.evaluate(test_data, load_best_model=False))}
