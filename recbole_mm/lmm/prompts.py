@@ -47,6 +47,24 @@ DEFAULT_INSTRUCTION = (
     "letter of that candidate only."
 )
 
+# The reference code's instruction and section headers (PRIME code, config.py:106-108), without an
+# answer hint: ``prompt_text: reference``.
+REFERENCE_TEXT = {
+    "instruction": "Based on the user's browsing history and a collection of candidate items (both provided in "
+                   "JSON format), recommend the most suitable item by specifying its index letter.",
+    "history_header": "Browsing history:",
+    "candidates_header": "Candidate items:",
+    "answer_hint": "",
+}
+PROMPT_TEXTS = ("ours", "reference")
+
+
+def prompt_text_settings(name: str) -> dict:
+    """PromptSettings fields of a ``prompt_text`` choice: ``ours`` (the defaults) or ``reference``."""
+    if name not in PROMPT_TEXTS:
+        raise ConfigError(f"prompt_text={name!r}: choose one of {PROMPT_TEXTS}")
+    return dict(REFERENCE_TEXT) if name == "reference" else {}
+
 
 def index_letters(k: int) -> list[str]:
     """The first ``k`` index letters: ``["A", "B", ...]`` (at most 26)."""

@@ -17,8 +17,9 @@ class LMMRanker:
     is a vision-language model and the prompt variant keeps them.
     """
 
-    def __init__(self, backbone, store, settings: PromptSettings, device="cpu"):
+    def __init__(self, backbone, store, settings: PromptSettings, device="cpu", loss_newline: bool = False):
         self.backbone, self.store, self.settings, self.device = backbone, store, settings, device
+        self.loss_newline = loss_newline  # the loss also covers a newline after the end-of-turn (reference code)
         self.tokenizer = backbone.tokenizer
         self.use_images = backbone.is_vision and settings.variant in ("full", "no_title")
         self._letter_ids: dict[int, torch.Tensor] = {}
@@ -64,11 +65,21 @@ class LMMRanker:
         letter_ids = self.letter_ids(texts[0], candidates.size(1))
         return score_candidates(self.model, self._encode(texts, images), letter_ids).float()
 
+    def response_tokens(self, prompt_text: str, full_text: str) -> int:
+        """Tokens the loss covers: 2 (letter, end-of-turn), or with ``loss_newline`` those of the
+        whole response as the tokenizer splits it (letter, end-of-turn, newline)."""
+        if not self.loss_newline:
+            return 2
+        ids = lambda t: self.tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+        return len(ids(full_text)) - len(ids(prompt_text))
+
     def loss(self, histories: list[list[int]], candidates: torch.Tensor, answer_pos: torch.Tensor) -> torch.Tensor:
         """Causal-LM loss on the response only: the answer's letter and the end-of-turn token."""
         rendered = [self._render(h, c) for h, c in zip(histories, candidates.tolist())]
         letters = index_letters(candidates.size(1))
-        texts = [text + response_text(self.tokenizer, letters[int(p)]) for (text, _), p in zip(rendered, answer_pos.tolist())]
+        suffix = "\n" if self.loss_newline else ""
+        texts = [text + response_text(self.tokenizer, letters[int(p)]) + suffix
+                 for (text, _), p in zip(rendered, answer_pos.tolist())]
         inputs = self._encode(texts, [r[1] for r in rendered])
-        labels = letter_labels(inputs["input_ids"], inputs["attention_mask"])
+        labels = letter_labels(inputs["input_ids"], inputs["attention_mask"], self.response_tokens(rendered[0][0], texts[0]))
         return self.model(**inputs, labels=labels).loss

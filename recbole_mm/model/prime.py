@@ -22,8 +22,30 @@ def retriever_config(config):
     from recbole_mm.config import Config
 
     shared = {k: config.external_config_dict[k] for k in SHARED_KEYS if k in config.external_config_dict}
+    shared.update(retriever_selection(config))
     return Config(model=config["retriever"], dataset=config["dataset"],
                   config_dict={**shared, **(config["retriever_config"] or {})})
+
+
+def retriever_selection(config) -> dict:
+    """``valid_metric``, ``topk`` and ``metrics`` of the retriever stage: its checkpoint is chosen on
+    ``retriever_valid_metric`` (default ``Recall@<n_candidates>``, what the ranker depends on: the
+    reference code selects on Recall@25), with its k added to ``topk`` and its name to ``metrics``.
+    ``retriever_config`` (applied after) still overrides all three."""
+    metric = config["retriever_valid_metric"] or f"Recall@{config['n_candidates']}"
+    name, _, k = str(metric).partition("@")
+    topk = config["topk"] if isinstance(config["topk"], list) else [config["topk"]]
+    metrics = list(config["metrics"])
+    if k:
+        if not k.isdigit():
+            from recbole_mm.errors import ConfigError
+
+            raise ConfigError(f"retriever_valid_metric={metric!r}: the part after '@' must be an integer k "
+                              f"(e.g. Recall@25)")
+        topk = sorted(set(topk) | {int(k)})
+    if name.lower() not in [str(m).lower() for m in metrics]:
+        metrics.append(name)
+    return {"valid_metric": metric, "topk": topk, "metrics": metrics}
 
 
 class PRIME(SequentialRecommender):

@@ -4,7 +4,8 @@ Two sets of ``k`` items are drawn per row from the retriever's softmax without r
 (Gumbel top-k: exactly sequential sampling without replacement), and labelled by PRIME's rules:
 both contain the answer -> the frozen ranker decides; exactly one contains it -> that one wins;
 neither -> both are drawn again, up to ``max_tries`` times, after which the answer replaces the
-least likely item of the first set (the reference code forces it into the first set at once).
+least likely item of the first set (``pref_answer_rule: reference``: the reference code's rule, no
+redraws, the answer replaces the first item drawn).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ BOTH, FIRST_ONLY, SECOND_ONLY, FORCED = 0, 1, 2, 3
 OUTCOMES = {BOTH: "both", FIRST_ONLY: "first_only", SECOND_ONLY: "second_only", FORCED: "forced"}
 
 
-def gumbel_top_k(log_probs: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def gumbel_top_k(log_probs: torch.Tensor, k: int, generator: torch.Generator | None = None,
+                 draw_order: bool = False) -> torch.Tensor:
     """``k`` distinct items per row drawn without replacement with probabilities ``softmax``.
 
     Items whose log-probability is ``-inf`` (padding, masked items) are never drawn; a row with
-    fewer than ``k`` such items is an error. The items come back most probable first.
+    fewer than ``k`` such items is an error. The items come back most probable first, or with
+    ``draw_order`` in the order sequential sampling would draw them (descending Gumbel key, as
+    ``torch.multinomial(..., replacement=False)`` returns them in the reference code).
     """
     finite = torch.isfinite(log_probs).sum(1)
     if (finite < k).any():
@@ -34,6 +38,8 @@ def gumbel_top_k(log_probs: torch.Tensor, k: int, generator: torch.Generator | N
     u = u.to(log_probs.device).clamp_(min=torch.finfo(u.dtype).tiny, max=1 - torch.finfo(u.dtype).eps)
     keys = log_probs - torch.log(-torch.log(u))
     picked = keys.topk(k, dim=1).indices
+    if draw_order:
+        return picked
     order = log_probs.gather(1, picked).argsort(dim=1, descending=True, stable=True)
     return picked.gather(1, order)
 
@@ -57,20 +63,31 @@ class CandidateSetSampler:
     Args:
         k: set size (the ranker's number of candidates, ``n_candidates``).
         max_tries: draws per row before the answer is forced into the first set.
+        rule: ``ours``: redraw up to ``max_tries`` times, then the answer replaces the least likely
+            item of the first set (sets most probable first); ``reference`` (``trainer/dpo.py:152-153``
+            of the PRIME code): no redraws, the answer replaces the first item drawn (sets in draw order).
     """
 
-    def __init__(self, k: int, max_tries: int = 3):
+    RULES = ("ours", "reference")
+
+    def __init__(self, k: int, max_tries: int = 3, rule: str = "ours"):
         if k < 1 or max_tries < 1:
             raise ValueError(f"need k >= 1 and max_tries >= 1, got k={k}, max_tries={max_tries}")
-        self.k, self.max_tries = int(k), int(max_tries)
+        if rule not in self.RULES:
+            from recbole_mm.errors import ConfigError
+
+            raise ConfigError(f"pref_answer_rule={rule!r}: choose one of {self.RULES}")
+        self.k, self.rule = int(k), rule
+        self.max_tries = 1 if rule == "reference" else int(max_tries)
 
     def sample(self, log_probs: torch.Tensor, answers: torch.Tensor,
                generator: torch.Generator | None = None) -> CandidatePairs:
         """Pairs for rows with retriever log-probabilities ``[B, n_items]`` and true items ``[B]``."""
         log_probs = log_probs.detach()
         answers = answers.to(log_probs.device).view(-1, 1)
-        first = gumbel_top_k(log_probs, self.k, generator)
-        second = gumbel_top_k(log_probs, self.k, generator)
+        drawn = self.rule == "reference"
+        first = gumbel_top_k(log_probs, self.k, generator, drawn)
+        second = gumbel_top_k(log_probs, self.k, generator, drawn)
         tries = torch.ones(len(answers), dtype=torch.long, device=log_probs.device)
         for _ in range(self.max_tries - 1):
             miss = ~((first == answers).any(1) | (second == answers).any(1))
@@ -86,7 +103,8 @@ class CandidateSetSampler:
         outcome[~in_first & in_second] = SECOND_ONLY
         forced = ~in_first & ~in_second
         if forced.any():
-            first[forced, -1] = answers[forced, 0]  # the least likely item gives way to the answer
+            # ours: the least likely item gives way to the answer; reference: the first item drawn
+            first[forced, 0 if drawn else -1] = answers[forced, 0]
             outcome[forced] = FORCED
         return CandidatePairs(first, second, outcome, tries)
 

@@ -45,8 +45,12 @@ class RankerNegativeSampler(AbstractSampler):
     the unseen ones (rare: only when the exclusions cover nearly all seen items).
     """
 
-    def __init__(self, dataset: Any, distribution: str = "popularity", alpha: float = 1.0, seed: int | None = None):
+    def __init__(self, dataset: Any, distribution: str = "popularity", alpha: float = 1.0, seed: int | None = None,
+                 counts: Any = None):
         self.dataset = dataset
+        # counts: per-item counts to use instead of the training targets' (e.g. the reference code's
+        # train + validation + 1, recbole_mm.trainer.prime.popularity_counts); length item_num
+        self.counts = None if counts is None else np.asarray(counts, dtype=np.int64)
         self.iid_field = getattr(dataset, "iid_field", None) or "item_id"
         self.item_num = int(dataset.item_num)
         if self.item_num < 2:
@@ -63,7 +67,10 @@ class RankerNegativeSampler(AbstractSampler):
         if distribution == "uniform":
             weights = np.ones(self.item_num, dtype=np.float64)
         else:
-            counts = np.bincount(np.asarray(self._get_candidates_list(), dtype=np.int64), minlength=self.item_num)
+            counts = (self.counts if self.counts is not None else
+                      np.bincount(np.asarray(self._get_candidates_list(), dtype=np.int64), minlength=self.item_num))
+            if len(counts) < self.item_num:
+                raise ValueError(f"counts has {len(counts)} entries; need one per item ({self.item_num})")
             weights = counts[: self.item_num].astype(np.float64) ** float(self.alpha)
             weights[counts[: self.item_num] == 0] = 0.0  # 0 ** 0 would be 1
         weights[0] = 0.0

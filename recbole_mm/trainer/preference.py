@@ -19,7 +19,7 @@ from recbole_mm.trainer.tracking import progress
 
 PREFERENCE_KEYS = ("pref_set_likelihood", "pref_beta", "pref_learning_rate", "pref_weight_decay", "pref_dropout",
                    "pref_epochs", "pref_batch_size", "pref_train_examples", "pref_warmup_steps", "pref_max_grad_norm",
-                   "pref_max_tries", "pref_valid_every", "pref_valid_users", "pref_patience", "n_candidates", "seed",
+                   "pref_max_tries", "pref_answer_rule", "pref_step_unit", "pref_valid_every", "pref_valid_users", "pref_patience", "n_candidates", "seed",
                    "mask_history")
 
 
@@ -28,6 +28,20 @@ def set_dropout(module: nn.Module, p: float) -> None:
     for m in module.modules():
         if isinstance(m, nn.Dropout):
             m.p = float(p)
+
+
+def step_units(dataset, unit: str) -> list[torch.Tensor] | None:
+    """What ``pref_batch_size`` counts: ``prefixes`` (None: rows of ``dataset``) or ``users`` (the
+    reference code, ``trainer/dpo.py:491-503``: a step is that many users with all their positions),
+    then one tensor of row indices per user, users in id order."""
+    if unit == "prefixes":
+        return None
+    if unit != "users":
+        raise ConfigError(f"pref_step_unit={unit!r}: choose prefixes or users")
+    users = torch.as_tensor(dataset.inter_feat[dataset.uid_field]).long()
+    order = torch.argsort(users, stable=True)
+    _, sizes = torch.unique_consecutive(users[order], return_counts=True)
+    return list(order.split(sizes.tolist()))
 
 
 class PreferenceTrainer:
@@ -54,7 +68,7 @@ class PreferenceTrainer:
         if config["pref_batch_size"] < 1 or config["pref_epochs"] < 0 or config["pref_valid_every"] < 1:
             raise ConfigError("pref_batch_size and pref_valid_every must be >= 1 and pref_epochs >= 0, got "
                              f"{config['pref_batch_size']}, {config['pref_valid_every']}, {config['pref_epochs']}")
-        self.sampler = CandidateSetSampler(config["n_candidates"], config["pref_max_tries"])
+        self.sampler = CandidateSetSampler(config["n_candidates"], config["pref_max_tries"], config["pref_answer_rule"])
         wd = config["pref_weight_decay"]
         groups = (self.retriever.optimizer_param_groups(wd) if hasattr(self.retriever, "optimizer_param_groups")
                   else [{"params": list(self.retriever.parameters()), "weight_decay": wd}])
@@ -132,7 +146,8 @@ class PreferenceTrainer:
         ``mask_history``) and ``positions`` (the number of earlier items of each row of ``dataset``),
         a prefix's earlier items, except its answer, are kept out of its candidate sets."""
         cfg = self.config
-        n = len(dataset)
+        units = step_units(dataset, cfg["pref_step_unit"])
+        n = len(units) if units is not None else len(dataset)
         per_epoch = min(n, cfg["pref_train_examples"] or n)
         bs = cfg["pref_batch_size"]
         steps_per_epoch = math.ceil(per_epoch / bs)
@@ -170,6 +185,8 @@ class PreferenceTrainer:
                 if epoch * steps_per_epoch + b < start_step:
                     continue
                 index = order[b * bs:(b + 1) * bs]
+                if units is not None:  # a step is bs users with all their prefixes
+                    index = torch.cat([units[i] for i in index.tolist()])
                 feat = dataset.inter_feat[index].to(device)
                 masked = None
                 if history is not None:

@@ -22,9 +22,45 @@ RANKER_KEYS = ("ranker_model", "ranker_small", "ranker_quantization", "ranker_dt
                "image_min_pixels", "image_max_pixels", "ranker_negatives", "ranker_train_examples",
                "ranker_valid_users", "ranker_learning_rate", "ranker_epochs", "ranker_batch_size",
                "ranker_grad_accum", "ranker_warmup_steps", "ranker_valid_every", "ranker_patience",
-               "n_candidates", "seed", "mask_history")
+               "n_candidates", "seed", "mask_history", "ranker_min_history", "ranker_negative_counts",
+               "ranker_optimizer", "ranker_weight_decay", "ranker_max_grad_norm", "prompt_text", "ranker_loss_tokens")
 # settings that change what is reported, never the trained weights: not part of a stage's key
 EVALUATION_ONLY_KEYS = ("metrics", "topk", "eval_batch_size", "show_progress", "state", "checkpoint_dir")
+
+
+def prefix_filter(users: torch.Tensor, lengths: torch.Tensor, min_history: int) -> torch.Tensor:
+    """Which training prefixes become ranker prompts: those with at least ``min_history`` history
+    items, plus, for a user who has none, that user's longest prefix (one prompt per such user).
+    ``min_history`` 4 is the reference code's rule (``dataloader/lmm.py:49-56``); 1 keeps every prefix."""
+    users, lengths = torch.as_tensor(users).long(), torch.as_tensor(lengths).long()
+    if min_history <= 1 or len(users) == 0:
+        return torch.ones(len(users), dtype=torch.bool)
+    longest = torch.zeros(int(users.max()) + 1, dtype=torch.long).scatter_reduce(0, users, lengths, "amax")
+    return (lengths >= min_history) | ((lengths == longest[users]) & (longest[users] < min_history))
+
+
+def loss_newline(name: str) -> bool:
+    """``ranker_loss_tokens``: ``letter_end`` (ours) or ``letter_end_newline`` (the reference code's
+    loss also covers the newline after the end-of-turn token, ``trainer/lmm.py:69-70``)."""
+    from recbole_mm.errors import ConfigError
+
+    if name not in ("letter_end", "letter_end_newline"):
+        raise ConfigError(f"ranker_loss_tokens={name!r}: choose letter_end or letter_end_newline")
+    return name == "letter_end_newline"
+
+
+def popularity_counts(train, valid, seq_field: str, len_field: str, target_field: str) -> torch.Tensor:
+    """The reference code's negative-sampling counts (``dataloader/lmm.py:59-71``): 1 for every item,
+    plus its occurrences in every user's training sequence and validation item; 0 for padding.
+    From RecBole's splits: training targets, each user's first item (the input of the 1-item
+    prefix) and the validation targets."""
+    n = int(train.item_num)
+    feat = train.inter_feat
+    first = feat[seq_field][feat[len_field] == 1][:, 0]
+    items = torch.cat([feat[target_field], first, valid.inter_feat[target_field]]).long()
+    counts = torch.bincount(items, minlength=n)[:n] + 1
+    counts[0] = 0
+    return counts
 
 
 class PRIMETrainer(Trainer):
@@ -100,7 +136,7 @@ class PRIMETrainer(Trainer):
         """Load the LMM backbone (building the small local model if asked) with LoRA."""
         from recbole_mm.data.item_store import ItemStore
         from recbole_mm.lmm.backbone import BackboneSettings, load_backbone
-        from recbole_mm.lmm.prompts import PromptSettings
+        from recbole_mm.lmm.prompts import PromptSettings, prompt_text_settings
         from recbole_mm.lmm.ranker import LMMRanker
 
         cfg = self.config
@@ -126,22 +162,38 @@ class PRIMETrainer(Trainer):
         if cfg["ranker_quantization"] != "4bit" and not getattr(backbone.model, "is_loaded_in_4bit", False):
             backbone.model.to(self.device)
         settings = PromptSettings(max_history=cfg["max_history_items"], attr_max_tokens=cfg["attr_max_tokens"],
-                                  variant=cfg["prompt_variant"], domain=cfg["prompt_domain"])
-        return LMMRanker(backbone, store, settings, device=self.device)
+                                  variant=cfg["prompt_variant"], domain=cfg["prompt_domain"],
+                                  **prompt_text_settings(cfg["prompt_text"]))
+        return LMMRanker(backbone, store, settings, device=self.device,
+                         loss_newline=loss_newline(cfg["ranker_loss_tokens"]))
 
-    def training_examples(self, train_data) -> RankerExamples:
-        """One prompt per training prefix (capped): the answer among k-1 sampled negatives."""
+    def training_examples(self, train_data, valid_data=None) -> RankerExamples:
+        """One prompt per training prefix with at least ``ranker_min_history`` history items (capped):
+        the answer among k-1 sampled negatives (popularity from ``ranker_negative_counts``; its
+        ``train_valid_plus_one`` needs ``valid_data``)."""
+        from recbole_mm.errors import ConfigError
         from recbole_mm.sampler.ranker import RankerNegativeSampler, training_candidates
 
         dataset = train_data._dataset
         generator = torch.Generator().manual_seed(self.config["seed"])
-        rows = torch.arange(len(dataset))
+        rows = torch.nonzero(prefix_filter(dataset.inter_feat[dataset.uid_field],
+                                           dataset.inter_feat[self.model.ITEM_SEQ_LEN],
+                                           self.config["ranker_min_history"])).squeeze(1)
         cap = self.config["ranker_train_examples"]
         if cap and cap < len(rows):
             rows = rows[torch.randperm(len(rows), generator=generator)[:cap]]
         feat = dataset.inter_feat[rows]
         answers = feat[self.model.POS_ITEM_ID]
-        sampler = RankerNegativeSampler(dataset, distribution=self.config["ranker_negatives"])
+        source = self.config["ranker_negative_counts"]
+        if source not in ("train", "train_valid_plus_one"):
+            raise ConfigError(f"ranker_negative_counts={source!r}: choose train or train_valid_plus_one")
+        counts = None
+        if source == "train_valid_plus_one":
+            if valid_data is None:
+                raise ConfigError("ranker_negative_counts='train_valid_plus_one' needs the validation split")
+            counts = popularity_counts(dataset, valid_data._dataset, self.model.ITEM_SEQ, self.model.ITEM_SEQ_LEN,
+                                       self.model.POS_ITEM_ID)
+        sampler = RankerNegativeSampler(dataset, distribution=self.config["ranker_negatives"], counts=counts)
         negatives = sampler.sample(answers, self.config["n_candidates"] - 1)
         candidates, answer_pos = training_candidates(answers, negatives, generator)
         return RankerExamples(self.model.histories(feat), candidates, answer_pos)
@@ -190,7 +242,7 @@ class PRIMETrainer(Trainer):
                 trainer.save_pretrained()
             info = {"reused": True}
         else:
-            train, valid = self.training_examples(train_data), self.validation_examples(valid_data)
+            train, valid = self.training_examples(train_data, valid_data), self.validation_examples(valid_data)
             init_seed(self.config["seed"], self.config["reproducibility"])
             best = trainer.fit(train, valid, seed=self.config["seed"])
             info = {"best_valid_ndcg@10_sample": best, "train_prompts": len(train), "valid_users": len(valid),

@@ -68,6 +68,22 @@ def lora_state(model) -> dict:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def make_optimizer(params, name: str, lr: float, weight_decay: float):
+    """``adamw`` (torch) or ``adamw_8bit`` (bitsandbytes' AdamW8bit, as the reference code; needs CUDA)."""
+    from recbole_mm.errors import ConfigError
+
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("ranker_optimizer='adamw_8bit' needs bitsandbytes (pip install bitsandbytes, "
+                              "CUDA only); use ranker_optimizer: adamw") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    raise ConfigError(f"ranker_optimizer={name!r}: choose adamw or adamw_8bit")
+
+
 class RankerTrainer:
     """Fits an :class:`~recbole_mm.lmm.ranker.LMMRanker` on :class:`RankerExamples`.
 
@@ -83,7 +99,8 @@ class RankerTrainer:
         self.tracker = tracker  # a recbole_mm.trainer.tracking.StageTracker (tensorboard / wandb), or None
         self.logger = getLogger()
         self.params = [p for p in ranker.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config["ranker_learning_rate"], weight_decay=0.0)
+        self.optimizer = make_optimizer(self.params, config["ranker_optimizer"], config["ranker_learning_rate"],
+                                        config["ranker_weight_decay"])
         self.history: list[dict] = []
 
     def _schedule(self, total_steps: int):
@@ -131,7 +148,7 @@ class RankerTrainer:
                     with self._autocast():
                         loss = self.ranker.loss(part.histories, part.candidates, part.answer_pos)
                     (loss * len(micro) / len(chunk)).backward()
-                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+                torch.nn.utils.clip_grad_norm_(self.params, cfg["ranker_max_grad_norm"])
                 self.optimizer.step()
                 scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
