@@ -163,7 +163,8 @@ def _stage_curves(single: dict) -> dict[str, list[tuple[float, float]]]:
     stored = single.get("curves") or {}
     retriever = stored.get("retriever") or single.get("stages", {}).get("retriever", {}).get("epoch_log") or []
     if retriever:
-        curves["retriever (valid NDCG@10 per epoch)"] = [(e["epoch"], e["valid_score"]) for e in retriever
+        metric = single.get("stages", {}).get("retriever", {}).get("valid_metric") or "NDCG@10"
+        curves[f"retriever (valid {metric} per epoch)"] = [(e["epoch"], e["valid_score"]) for e in retriever
                                                          if "valid_score" in e]
     ranker = stored.get("ranker") or single.get("stages", {}).get("ranker", {}).get("history") or []
     if ranker:

@@ -124,6 +124,7 @@ class PRIMETrainer(Trainer):
             atomic_save(safe_load(result["saved_model_file"], map_location="cpu")["state_dict"], str(path))
             info = {k: result.get(k) for k in ("best_valid_result", "test_result", "epochs_run", "best_epoch",
                                                "time_per_epoch_s", "total_time_s", "epoch_log")}
+            info["valid_metric"] = rconf["valid_metric"]
             self.stages.finish("retriever", key, info)
         self.model.retriever.load_state_dict(safe_load(str(path), map_location=self.device))
         self.artifacts["retriever"] = str(path)
