@@ -159,21 +159,14 @@ def check_dataset(manifest: dict, config, path: str) -> None:
 
 def load_manifest(model_file: str, manifest: dict):
     """``(config, model, dataset, train_data, valid_data, test_data)`` of the run that wrote ``manifest``."""
-    from recbole.utils import init_logger, init_seed
-
     from recbole_mm.config import Config
     from recbole_mm.trainer.checkpoint import checkpoint_entries, load_model_state, safe_load
-    from recbole_mm.utils import create_dataset, data_preparation, get_model, get_trainer
+    from recbole_mm.utils import get_trainer, rebuild_data_and_model
 
     check_manifest(manifest, model_file)
     config = Config(model=manifest["model"], dataset=manifest["dataset"], config_dict=manifest["external_config"])
     check_dataset(manifest, config, model_file)
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model, dataset, train_data, valid_data, test_data = rebuild_data_and_model(config)
     arts = {role: entry["path"] for role, entry in manifest["artifacts"].items()}
     if "checkpoint" in arts:
         checkpoint = checkpoint_entries(safe_load(arts["checkpoint"], map_location="cpu"), arts["checkpoint"])

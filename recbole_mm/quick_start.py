@@ -15,7 +15,7 @@ from recbole.utils import init_logger, init_seed
 from recbole_mm.config import Config
 from recbole_mm.errors import CheckpointError, ConfigError
 from recbole_mm.preflight import preflight
-from recbole_mm.utils import create_dataset, data_preparation, get_model, get_trainer
+from recbole_mm.utils import create_dataset, data_preparation, get_model, get_trainer, rebuild_data_and_model
 
 
 def peak_memory_mb() -> dict:
@@ -139,12 +139,7 @@ def load_data_and_model(model_file: str):
     checkpoint = checkpoint_entries(loaded, model_file, keys=("config", "external_config", "state_dict"))
     stored = checkpoint["config"]
     config = Config(model=stored["model"], dataset=stored["dataset"], config_dict=checkpoint["external_config"])
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model, dataset, train_data, valid_data, test_data = rebuild_data_and_model(config)
     load_model_state(model, checkpoint["state_dict"], model_file, stored["dataset"], config["dataset"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data

@@ -178,3 +178,17 @@ def data_preparation(config, dataset):
     getLogger().info(f"[Training]: train_batch_size = [{config['train_batch_size']}], train rows = {len(train_dataset)}; "
                      f"[Evaluation]: eval_batch_size = [{config['eval_batch_size']}], mask_history = {config['mask_history']}")
     return train_data, loaders[0], loaders[1]
+
+
+def rebuild_data_and_model(config):
+    """``(model, dataset, train_data, valid_data, test_data)`` for a stored run's ``config``, seeded as
+    the run was (untrained model on ``config["device"]``; the caller loads the weights)."""
+    from recbole.utils import init_logger, init_seed
+
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    return model, dataset, train_data, valid_data, test_data
