@@ -125,11 +125,11 @@ def _description_cache_complete(config) -> bool:
 
 def preflight(config) -> list[str]:
     """Run every check that applies to ``config``; return what was checked (raises :class:`PreflightError`)."""
-    from recbole_mm.utils import _check_dataset_files
+    from recbole_mm.utils import check_dataset_files
 
     checked = []
     try:
-        _check_dataset_files(config)
+        check_dataset_files(config)
     except FileNotFoundError as e:
         raise PreflightError(str(e)) from None
     checked.append("dataset")

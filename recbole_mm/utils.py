@@ -90,7 +90,7 @@ def get_trainer(model_type, model_name: str):
 
 def create_dataset(config):
     """Build the dataset: ``recbole_mm.data.dataset.<Model>Dataset`` if it exists, else RecBole's choice."""
-    _check_dataset_files(config)
+    check_dataset_files(config)
     module = importlib.import_module("recbole_mm.data.dataset")
     cls = getattr(module, config["model"] + "Dataset", None)
     if cls is not None:
@@ -110,7 +110,9 @@ def recbole_download_names() -> set[str]:
         return set(yaml.safe_load(f) or {})
 
 
-def _check_dataset_files(config):
+def check_dataset_files(config):
+    """The dataset's interaction file exists, or RecBole will get it itself; else a one-line
+    :class:`~recbole_mm.errors.DatasetNotFoundError` that says how to make it."""
     if config["dataset"] == "ml-100k":  # RecBole always reads its bundled copy for this name
         return
     path = config["data_path"]

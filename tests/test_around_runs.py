@@ -50,22 +50,22 @@ def test_prepare_errors_say_where_the_files_come_from(tmp_path, capsys):
 
 
 def test_missing_dataset_names_the_command_and_recbole_names_go_to_recbole(tmp_path):
-    from recbole_mm.utils import _check_dataset_files
+    from recbole_mm.utils import check_dataset_files
 
     cfg = Config(model="LRURec", dataset="beauty", config_dict={"data_path": str(tmp_path)})
     with pytest.raises(FileNotFoundError) as err:
-        _check_dataset_files(cfg)
+        check_dataset_files(cfg)
     assert "recbole-mm-data prepare beauty" in str(err.value) and "--raw FOLDER" in str(err.value)
     # RecBole's own names are left to RecBole, which downloads them (no download here: checked only)
     for name in ("amazon-beauty", "ml-1m"):
-        _check_dataset_files(Config(model="LRURec", dataset=name, config_dict={"data_path": str(tmp_path)}))
+        check_dataset_files(Config(model="LRURec", dataset=name, config_dict={"data_path": str(tmp_path)}))
     # our prepared ML-1M no longer shadows RecBole's ml-1m
     ours = Config(model="LRURec", dataset="ml-1m-llamarec", config_dict={"data_path": str(tmp_path)})
     theirs = Config(model="LRURec", dataset="ml-1m", config_dict={"data_path": str(tmp_path)})
     assert ours["load_col"] == {"inter": ["user_id", "item_id", "timestamp"]}
     assert theirs["load_col"] != ours["load_col"]  # RecBole's defaults (rating column etc.)
     with pytest.raises(FileNotFoundError, match="recbole-mm-data prepare ml-1m-llamarec"):
-        _check_dataset_files(ours)
+        check_dataset_files(ours)
 
 
 # ------------------------------------------------------------------------------ 2. fail fast
