@@ -113,6 +113,17 @@ def resolve_config_file(name: str) -> str:
                       f"{', '.join(sorted(f[:-5] for f in os.listdir(os.path.join(properties_dir(), 'preset'))))})")
 
 
+# PRIME's switches between our behaviour and the reference code's (each also checked where it is used)
+PRIME_CHOICES = {
+    "ranker_optimizer": ("adamw", "adamw_8bit"),
+    "ranker_negative_counts": ("train", "train_valid_plus_one"),
+    "ranker_loss_tokens": ("letter_end", "letter_end_newline"),
+    "prompt_text": ("ours", "reference"),
+    "pref_answer_rule": ("ours", "reference"),
+    "pref_step_unit": ("prefixes", "users"),
+}
+
+
 class Config(RecBoleConfig):
     """RecBole's ``Config`` with these changes, each small and named:
 
@@ -230,6 +241,9 @@ class Config(RecBoleConfig):
             if not isinstance(n, int) or not 1 <= n <= 26:
                 raise ConfigError(f"n_candidates={n!r}: PRIME's ranker letters its candidates A..Z, so "
                                   f"n_candidates must be an integer from 1 to 26")
+            for key, choices in PRIME_CHOICES.items():  # a typo would otherwise fail after stage 1 trained
+                if cfg.get(key) is not None and cfg.get(key) not in choices:
+                    raise ConfigError(f"{self._source(key)}: {key}={cfg.get(key)!r}: choose one of {choices}")
             from recbole_mm.utils import get_model
 
             retriever = get_model(str(cfg.get("retriever")))

@@ -128,20 +128,21 @@ def checkpoint_name(model: str) -> str:
 
 def per_user_metrics(struct, topk) -> dict[str, list[float]]:
     """Per-user ``ndcg@K`` and ``recall@K`` from RecBole's collected ``rec.topk`` (K = 10 when in
-    ``topk``, else its largest cutoff); empty when the run collected no top-k data."""
+    ``topk``, else its largest cutoff), computed by RecBole's own metric classes before they average;
+    empty when the run collected no top-k data."""
     import numpy as np
+    from recbole.evaluator.metrics import NDCG, Recall
 
     if "rec.topk" not in struct:
         return {}
     topk = [topk] if isinstance(topk, int) else list(topk)
     k = 10 if 10 in topk else max(topk)
-    data = struct.get("rec.topk").numpy()
-    hits, pos_len = data[:, :k].astype(bool), data[:, -1].astype(np.int64)
-    discount = 1.0 / np.log2(np.arange(2, k + 2))
-    dcg = (hits * discount).sum(1)
-    idcg = np.cumsum(discount)[np.clip(np.minimum(pos_len, k), 1, k) - 1]
-    recall = hits.sum(1) / np.maximum(pos_len, 1)
-    return {f"ndcg@{k}": np.round(dcg / idcg, 6).tolist(), f"recall@{k}": np.round(recall, 6).tolist()}
+    per_user = {}
+    for name, metric_class in (("ndcg", NDCG), ("recall", Recall)):
+        metric = metric_class({"topk": topk, "metric_decimal_place": 6})
+        values = metric.metric_info(*metric.used_info(struct))[:, k - 1]
+        per_user[f"{name}@{k}"] = np.round(values, 6).tolist()
+    return per_user
 
 
 _CACHE: dict[type, type] = {}
