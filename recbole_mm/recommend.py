@@ -128,8 +128,7 @@ class Recommender:
         if hasattr(model, "retriever_scores"):  # two-stage: retriever, then the ranker on its top-k
             retriever = model.retriever_scores(inter)
             if mask:
-                for row, items in enumerate(histories):
-                    retriever[row, items] = -torch.inf
+                _mask_items(retriever, histories)
             out["retriever"] = retriever
             scores = retriever
             if model.ranker is not None:
@@ -142,8 +141,7 @@ class Recommender:
             scores = model.full_sort_predict(inter).view(len(histories), -1).float().clone()
             scores[:, 0] = -torch.inf
             if mask:
-                for row, items in enumerate(histories):
-                    scores[row, items] = -torch.inf
+                _mask_items(scores, histories)
         out["scores"] = scores
         return out
 
@@ -194,6 +192,14 @@ class Recommender:
             results.append({"user": user, "history": [self.item_tokens[i] for i in histories[row]],
                             "items": items})
         return results
+
+
+def _mask_items(scores: torch.Tensor, histories: list[list[int]]) -> None:
+    """Set every row's history items to -inf, in place (one indexed write for the whole batch)."""
+    counts = torch.tensor([len(items) for items in histories], dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(histories)), counts).to(scores.device)
+    items = torch.tensor([i for items in histories for i in items], dtype=torch.long, device=scores.device)
+    scores[rows, items] = -torch.inf
 
 
 def recommend(model_file: str, users=None, history=None, k: int = 10, batch_size: int = 256) -> list[dict]:
