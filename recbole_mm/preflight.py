@@ -41,6 +41,12 @@ def check_pretrained(name: str | None, key: str, trust_remote_code: bool = False
     """``name`` (config key ``key``) is ``small``, a local checkpoint folder, or a hub id whose config loads."""
     if name in (None, "", "small"):
         return
+    from recbole_mm.lmm.gguf import check_gguf_package, is_gguf_name, resolve_gguf
+
+    if is_gguf_name(name):  # 'smollm2' or a .gguf file: the file and its reader, no hub
+        resolve_gguf(str(name))
+        check_gguf_package()
+        return
     from recbole_mm.lmm.sentence_encoder import EncoderLoadError, pretrained_location, resolve_text_encoder
 
     if key == "text_encoder":

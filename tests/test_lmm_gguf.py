@@ -158,7 +158,7 @@ def test_later_loads_read_the_copy_and_match_direct_gguf_load(tiny, tiny_cache, 
     def refuse(*args, **kwargs):
         raise AssertionError("the .gguf file was read again instead of the cached copy")
 
-    monkeypatch.setattr(lg, "_check_gguf_package", refuse)
+    monkeypatch.setattr(lg, "check_gguf_package", refuse)
     bb = load_backbone(BackboneSettings(name_or_path=tiny, lora_r=0, cache_dir=tiny_cache[0]))
     assert not bb.is_vision and bb.processor is None
     text = "the cat (A) (B) the end"
@@ -225,6 +225,16 @@ def test_preset_names_smollm2():
     with open(resolve_config_file("prime-smollm"), encoding="utf-8") as f:
         preset = yaml.safe_load(f)
     assert preset["ranker_model"] == "smollm2" and preset["prompt_variant"] == "no_image"
+
+
+def test_preflight_checks_a_gguf_ranker_without_the_hub(tiny, tmp_path):
+    from recbole_mm.config import Config
+    from recbole_mm.preflight import preflight
+
+    base = ["--ranker_model={}", f"--artifacts_dir={tmp_path / 'art'}", f"--checkpoint_dir={tmp_path / 'ckpt'}"]
+    assert "ranker_model" in preflight(Config("PRIME", "ml-100k", argv=[base[0].format(tiny)] + base[1:]))
+    with pytest.raises(lg.GGUFError, match="does not exist"):
+        preflight(Config("PRIME", "ml-100k", argv=[base[0].format(tmp_path / "absent.gguf")] + base[1:]))
 
 
 # ------------------------------------------------------------------------------- the real model

@@ -83,7 +83,8 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _check_gguf_package():
+def check_gguf_package():
+    """The ``gguf`` reader is installed (transformers needs it to load a .gguf file)."""
     if importlib.util.find_spec("gguf") is None:
         raise GGUFError(f"reading a .gguf model needs the package gguf, which is not installed: run "
                         f"`pip install 'gguf>=0.10.0'` (or `pip install -e \".[smollm]\"`)")
@@ -100,7 +101,7 @@ def dequantized_folder(name: str, cache_dir: str | None = None) -> str:
     target = os.path.join(cache_dir, f"gguf-{file_sha256(path)[:16]}")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
-    _check_gguf_package()
+    check_gguf_package()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
