@@ -464,8 +464,8 @@ def measure(spec: ModelSpec, folder: str, precision: str, store, requests, args,
     settings = PromptSettings(max_history=args.history, attr_max_tokens=32, variant="full")
     ranker = LMMRanker(backbone, view, settings, device=device)
     model = ranker.model
-    text, images = ranker._render(history0, requests[0][1].tolist())
-    encoded = ranker._encode([text], [images])
+    text, images = ranker.render(history0, requests[0][1].tolist())
+    encoded = ranker.encode([text], [images])
     row.update(prompt_tokens=int(encoded["input_ids"].shape[1]), images_per_prompt=len(images))
     try:
         if phase("train", expected_cost("train", n_params, args.reps + 1)):
@@ -505,7 +505,7 @@ def measure(spec: ModelSpec, folder: str, precision: str, store, requests, args,
             row["eval_peak_gib"] = meter.peak_gib()
             row["eval_prompts_per_s"] = len(batch) / row["eval_batch_s"]
             row["eval_scores_shape"] = list(scores[-1].shape)
-            row["eval_images"] = sum(len(ranker._render(h, c.tolist())[1]) for h, c in zip(hists, cand_rows))
+            row["eval_images"] = sum(len(ranker.render(h, c.tolist())[1]) for h, c in zip(hists, cand_rows))
             save()
         # verbalizer vs generation on the same encoded prompt
         letters = index_letters(N_CANDIDATES)

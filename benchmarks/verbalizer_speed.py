@@ -75,8 +75,8 @@ def main() -> int:
         for u, history in enumerate(histories):
             cands = popular[torch.randperm(len(popular), generator=torch.Generator().manual_seed(u))[:k]].unsqueeze(0)
             start = now()
-            text, images = ranker._render(history, cands[0].tolist())
-            inputs = ranker._encode([text], [images])
+            text, images = ranker.render(history, cands[0].tolist())
+            inputs = ranker.encode([text], [images])
             times["prompt"].append(now() - start)
             letter_ids = ranker.letter_ids(text, k)
             start = now()

@@ -55,7 +55,7 @@ def _prime(rec, ids, uid, path) -> list[str]:
     inter = rec.interaction([ids], [uid])
     history = model.histories(inter)[0]
     candidates = out["candidates"][0].tolist()
-    text, images = ranker._render(history, candidates)
+    text, images = ranker.render(history, candidates)
     logits = out["ranker"][0].float()
     probs = torch.softmax(logits, 0)
     retriever = out["retriever"][0]

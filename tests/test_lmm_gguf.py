@@ -197,7 +197,7 @@ def test_text_only_ranker_scores_and_lora_training(tiny, tiny_cache):
         scores = ranker.score(histories, candidates)
         # reference: a plain forward pass of each prompt alone, logits of the letters at its last token
         for row in range(2):
-            text, _ = ranker._render(histories[row], candidates[row].tolist())
+            text, _ = ranker.render(histories[row], candidates[row].tolist())
             ids = ranker.tokenizer(text, return_tensors="pt")
             expected = bb.model(**ids).logits[0, -1, ranker.letter_ids(text, 4)]
             torch.testing.assert_close(scores[row], expected, rtol=1e-4, atol=1e-5)
@@ -279,7 +279,7 @@ def test_smollm2_verbalizer_scores_equal_plain_forward(smollm):
     with torch.no_grad():
         scores = ranker.score(histories, candidates)
         for row in range(2):
-            text, _ = ranker._render(histories[row], candidates[row].tolist())
+            text, _ = ranker.render(histories[row], candidates[row].tolist())
             ids = ranker.tokenizer(text, return_tensors="pt")
             logits = smollm.model(**ids).logits[0, -1]
             # the letter ids are the tokens of " A"/"A" the model would write: decode them back

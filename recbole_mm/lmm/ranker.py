@@ -32,7 +32,8 @@ class LMMRanker:
         image = self.store.image(item_id) if self.use_images else None
         return {"attributes": self.store.attributes(item_id), "image": image}
 
-    def _render(self, history: list[int], candidates: list[int]):
+    def render(self, history: list[int], candidates: list[int]):
+        """``(chat-template text, images)`` of the prompt for one history and its candidates."""
         prompt = build_prompt([self._item(i) for i in history], [self._item(i) for i in candidates],
                               self.settings, self.tokenizer)
         if self.backbone.processor is not None:
@@ -50,7 +51,8 @@ class LMMRanker:
             self._letter_ids[k] = torch.tensor(letter_token_ids(self.tokenizer, prompt_text, index_letters(k)))
         return self._letter_ids[k]
 
-    def _encode(self, texts: list[str], images: list[list]):
+    def encode(self, texts: list[str], images: list[list]):
+        """Tokenized (and image-processed) batch of rendered prompts, on the ranker's device."""
         flat = [img for imgs in images for img in imgs]
         if self.backbone.processor is not None:
             inputs = self.backbone.processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
@@ -60,10 +62,10 @@ class LMMRanker:
 
     def score(self, histories: list[list[int]], candidates: torch.Tensor) -> torch.Tensor:
         """Scores (batch, k) of the candidates: letter logits at the last prompt position."""
-        rendered = [self._render(h, c) for h, c in zip(histories, candidates.tolist())]
+        rendered = [self.render(h, c) for h, c in zip(histories, candidates.tolist())]
         texts, images = [r[0] for r in rendered], [r[1] for r in rendered]
         letter_ids = self.letter_ids(texts[0], candidates.size(1))
-        return score_candidates(self.model, self._encode(texts, images), letter_ids).float()
+        return score_candidates(self.model, self.encode(texts, images), letter_ids).float()
 
     def response_tokens(self, prompt_text: str, full_text: str) -> int:
         """Tokens the loss covers: 2 (letter, end-of-turn), or with ``loss_newline`` those of the
@@ -75,11 +77,11 @@ class LMMRanker:
 
     def loss(self, histories: list[list[int]], candidates: torch.Tensor, answer_pos: torch.Tensor) -> torch.Tensor:
         """Causal-LM loss on the response only: the answer's letter and the end-of-turn token."""
-        rendered = [self._render(h, c) for h, c in zip(histories, candidates.tolist())]
+        rendered = [self.render(h, c) for h, c in zip(histories, candidates.tolist())]
         letters = index_letters(candidates.size(1))
         suffix = "\n" if self.loss_newline else ""
         texts = [text + response_text(self.tokenizer, letters[int(p)]) + suffix
                  for (text, _), p in zip(rendered, answer_pos.tolist())]
-        inputs = self._encode(texts, [r[1] for r in rendered])
+        inputs = self.encode(texts, [r[1] for r in rendered])
         labels = letter_labels(inputs["input_ids"], inputs["attention_mask"], self.response_tokens(rendered[0][0], texts[0]))
         return self.model(**inputs, labels=labels).loss
