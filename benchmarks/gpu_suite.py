@@ -9,7 +9,7 @@ Each backbone is built with the exact architecture of the paper's checkpoint fro
 (no hub, no download) and random (seeded) weights, saved with ``save_pretrained`` to a scratch folder
 (``/dev/shm`` when it has room) and loaded through the project's own loader,
 :func:`recbole_mm.lmm.backbone.load_backbone` (4-bit NF4 with double quantization, or bf16; LoRA r=8 on
-every language-model linear layer), and ranked with :class:`recbole_mm.lmm.ranker.LMMRanker` on PRIME
+every language-model linear layer), and ranked with :class:`recbole_mm.lmm.candidate_ranker.LMMRanker` on PRIME
 prompts built by :func:`recbole_mm.lmm.prompts.build_prompt` from the small synthetic fixture
 (:mod:`recbole_mm.data.fixtures`, 168x168 images: 36 Qwen-VL vision tokens each, the ``image_max_pixels``
 of PRIME.yaml). The tokenizer is a byte-level BPE trained on those prompts (Qwen2's pre-tokenizer, ChatML
@@ -277,7 +277,7 @@ def write_checkpoint(spec: ModelSpec, out_dir: str, texts: list[str], smoke: boo
     parameter count (checked against the published one for full-size models)."""
     import torch
 
-    from recbole_mm.lmm.small import QWEN2_VL_CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
+    from recbole_mm.lmm.tiny_models import QWEN2_VL_CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
 
     tokenizer = train_tokenizer(texts, 1000 if smoke else 8000)
     template = QWEN2_VL_CHAT_TEMPLATE
@@ -432,7 +432,7 @@ def measure(spec: ModelSpec, folder: str, precision: str, store, requests, args,
 
     from recbole_mm.lmm.backbone import BackboneSettings, load_backbone
     from recbole_mm.lmm.prompts import PromptSettings
-    from recbole_mm.lmm.ranker import LMMRanker
+    from recbole_mm.lmm.candidate_ranker import LMMRanker
     from recbole_mm.lmm.verbalizer import end_of_turn_token, index_letters, score_candidates
 
     meter = Meter(device)

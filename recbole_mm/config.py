@@ -128,7 +128,7 @@ class Config(RecBoleConfig):
     """RecBole's ``Config`` with these changes, each small and named:
 
     - a config file may be named by a shipped preset (``--config_files=prime-cpu``);
-    - model names resolve through :func:`recbole_mm.utils.get_model` (plugin first, then RecBole);
+    - model names resolve through :func:`recbole_mm.model.registry.get_model` (plugin first, then RecBole);
     - our ``overall.yaml``, ``model/<Model>.yaml`` and ``dataset/<name>.yaml`` are layered on top of
       RecBole's internal defaults (so user files, ``config_dict`` and the command line still win);
     - command-line overrides come from ``argv`` (a list of ``--key=value``), not from ``sys.argv``,
@@ -151,6 +151,11 @@ class Config(RecBoleConfig):
         files = [resolve_config_file(f) for f in config_file_list or []]
         super().__init__(model, dataset, files or None, config_dict)
         self._check_unknown_keys(files)
+
+    def for_model(self, model: str, config_dict: dict) -> "Config":
+        """A config for another model on the same dataset (a sub-model, e.g. PRIME's retriever),
+        built from ``config_dict`` and that model's own property files."""
+        return type(self)(model=model, dataset=self.dataset, config_dict=config_dict)
 
     def _check_unknown_keys(self, files):
         """Unknown keys in the files, ``config_dict`` or command line: warn (``strict_config``: error)."""
@@ -195,7 +200,7 @@ class Config(RecBoleConfig):
             if model is None:
                 raise ConfigError("no model given: pass --model=NAME (or `model:` in a config file)")
         if isinstance(model, str):
-            from recbole_mm.utils import get_model
+            from recbole_mm.model.registry import get_model
 
             model = get_model(model)
         return super()._get_model_and_dataset(model, dataset)
@@ -244,7 +249,7 @@ class Config(RecBoleConfig):
             for key, choices in PRIME_CHOICES.items():  # a typo would otherwise fail after stage 1 trained
                 if cfg.get(key) is not None and cfg.get(key) not in choices:
                     raise ConfigError(f"{self._source(key)}: {key}={cfg.get(key)!r}: choose one of {choices}")
-            from recbole_mm.utils import get_model
+            from recbole_mm.model.registry import get_model
 
             retriever = get_model(str(cfg.get("retriever")))
             if getattr(retriever, "type", None) != ModelType.SEQUENTIAL:

@@ -21,7 +21,7 @@ def _md(text) -> str:
 
 def explain(recommender, path: str, user: str | None = None, history: list[str] | None = None, k: int = 10) -> str:
     """Write the explanation of ``user``'s (or ``history``'s) top-``k`` to ``path``; returns ``path``."""
-    from recbole_mm.data.atomic import atomic_output
+    from recbole_mm.files import atomic_output
 
     rec = recommender
     result = rec.recommend(users=[user] if user is not None else None, history=history, k=k)[0]
@@ -61,7 +61,7 @@ def _prime(rec, ids, uid, path) -> list[str]:
     retriever = out["retriever"][0]
     retriever_rank = torch.argsort(torch.argsort(retriever, descending=True, stable=True)) + 1
     ranker_rank = torch.argsort(torch.argsort(logits, descending=True, stable=True)) + 1
-    from recbole_mm.lmm.verbalizer import index_letters
+    from recbole_mm.lmm.prompts import index_letters
 
     letters = index_letters(len(candidates))
     lines = ["## Stage 2: the LMM ranker", "",

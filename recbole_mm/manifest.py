@@ -76,9 +76,9 @@ def run_artefacts(result: dict, trainer, model) -> dict[str, str]:
 
 def write_manifest(config, result: dict, trainer, model) -> str:
     """Write the run's manifest next to its checkpoints; returns its path."""
-    from recbole_mm.trainer.artifacts import dataset_fingerprint
+    from recbole_mm.files import dataset_fingerprint
     from recbole_mm.trainer.checkpoint import atomic_save, plain_config
-    from recbole_mm.trainer.features import checkpoint_name
+    from recbole_mm.trainer.mixin import checkpoint_name
 
     folder = config["checkpoint_dir"] or "saved"
     os.makedirs(folder, exist_ok=True)
@@ -141,7 +141,7 @@ def check_manifest(manifest: dict, path: str) -> None:
 def check_dataset(manifest: dict, config, path: str) -> None:
     """The dataset files have the names and sizes they had in the run (modification times are not
     compared: a copied dataset is the same data)."""
-    from recbole_mm.trainer.artifacts import dataset_fingerprint
+    from recbole_mm.files import dataset_fingerprint
 
     then = manifest["dataset_fingerprint"]["files"]
     now = dataset_fingerprint(config)["files"]

@@ -131,7 +131,7 @@ def _description_cache_complete(config) -> bool:
 
 def preflight(config) -> list[str]:
     """Run every check that applies to ``config``; return what was checked (raises :class:`PreflightError`)."""
-    from recbole_mm.utils import check_dataset_files
+    from recbole_mm.data.preparation import check_dataset_files
 
     checked = []
     try:

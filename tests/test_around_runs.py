@@ -124,7 +124,7 @@ def test_preflight_checks_each_stage_input(tiny_dataset, tmp_path):
 
 
 def test_failed_stage_leaves_no_empty_folder(tmp_path):
-    from recbole_mm.trainer.artifacts import StageStore
+    from recbole_mm.trainer.stage_store import StageStore
 
     store = StageStore(tmp_path)
     store.folder("ranker", "abc")

@@ -259,7 +259,7 @@ def test_non_user_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(recbole_mm.quick_start, "run_recbole_mm", boom)
     with pytest.raises(ValueError, match="a bug deep in training"):
         cli_main(["--model=LRURec", "--dataset=ml-100k"])
-    from recbole_mm.data.atomic import DataFormatError
+    from recbole_mm.errors import DataFormatError
     from recbole_mm.lmm.backbone import BackboneLoadError
     from recbole_mm.lmm.sentence_encoder import EncoderLoadError
     from recbole_mm.lmm.verbalizer import VerbalizerError
@@ -284,7 +284,7 @@ def test_bench_bad_model_args(capsys, tmp_path):
 
 # ------------------------------------------------------------------ image paths
 def _store_with_images(tmp_path, images: dict):
-    from recbole_mm.data.atomic import write_jsonl
+    from recbole_mm.files import write_jsonl
     from recbole_mm.data.item_store import ItemStore
 
     folder = tmp_path / "imgs"
@@ -298,7 +298,7 @@ def test_unusable_image_paths_count_as_missing(tmp_path, caplog):
     store_paths = {"loop": "images/loop.png", "nul": "images/a\x00b.png", "long": "images/" + "x" * 5000 + ".png"}
     (tmp_path / "imgs" / "images").mkdir(parents=True)
     os.symlink(loop.name, loop)  # points at itself
-    from recbole_mm.data.atomic import write_jsonl
+    from recbole_mm.files import write_jsonl
     from recbole_mm.data.item_store import ItemStore
 
     folder = tmp_path / "imgs"

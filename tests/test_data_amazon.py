@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from recbole_mm.data.amazon import convert_amazon, flatten_categories, kcore_filter, read_meta, read_reviews
-from recbole_mm.data.atomic import DataFormatError, read_jsonl
+from recbole_mm.errors import DataFormatError
+from recbole_mm.files import read_jsonl
 from recbole_mm.data.cli import main
 
 

@@ -5,8 +5,9 @@ import json
 import pandas as pd
 import pytest
 
-from recbole_mm.data.atomic import (DataFormatError, format_cell, read_header, read_jsonl, sanitize_text,
-                                    write_atomic, write_jsonl)
+from recbole_mm.errors import DataFormatError
+from recbole_mm.data.atomic_files import format_cell, read_header, sanitize_text, write_atomic
+from recbole_mm.files import read_jsonl, write_jsonl
 
 FIELDS = [("item_id", "token"), ("title", "token_seq"), ("brand", "token"), ("price", "float")]
 

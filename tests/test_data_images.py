@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from recbole_mm.data.atomic import read_jsonl, write_jsonl
+from recbole_mm.files import read_jsonl, write_jsonl
 from recbole_mm.data.cli import main
 from recbole_mm.data.images import download_images, download_one, image_file_name
 

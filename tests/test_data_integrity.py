@@ -9,8 +9,9 @@ import textwrap
 import pytest
 import torch
 
-from recbole_mm.data.atomic import (DataFormatError, atomic_output, read_jsonl, remove_stale_temps, staged_folder,
-                                    write_atomic)
+from recbole_mm.errors import DataFormatError
+from recbole_mm.files import atomic_output, read_jsonl, remove_stale_temps, staged_folder
+from recbole_mm.data.atomic_files import write_atomic
 from recbole_mm.data.cli import main
 from recbole_mm.trainer.checkpoint import atomic_save, safe_load
 
@@ -19,7 +20,7 @@ def killed_while_writing(target, staged=False):
     """Run a writer in a child process and SIGKILL it in the middle: it leaves its temporary behind."""
     code = textwrap.dedent(f"""
         import os, signal
-        from recbole_mm.data.atomic import atomic_output, staged_folder
+        from recbole_mm.data.atomic_files import atomic_output, staged_folder
         if {staged!r}:
             with staged_folder({str(target)!r}) as tmp:
                 (tmp / "half.inter").write_text("user_id:token")

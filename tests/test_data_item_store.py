@@ -7,7 +7,8 @@ import os
 import pytest
 from PIL import Image
 
-from recbole_mm.data.atomic import DataFormatError, write_jsonl
+from recbole_mm.errors import DataFormatError
+from recbole_mm.files import write_jsonl
 from recbole_mm.data.fixtures import FixtureSpec, make_fixture
 from recbole_mm.data.item_store import ItemStore, fit_pixels
 

@@ -3,7 +3,7 @@
 import hashlib
 import json
 
-from recbole_mm.data.atomic import write_jsonl
+from recbole_mm.files import write_jsonl
 from recbole_mm.data.cli import main
 from recbole_mm.data.fixtures import COLOURS, FixtureSpec, make_fixture
 from recbole_mm.data.stats import dataset_stats, format_stats

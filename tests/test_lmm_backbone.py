@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 
 from recbole_mm.lmm.backbone import (  # noqa: E402
     BackboneLoadError, BackboneSettings, language_linear_names, load_backbone)
-from recbole_mm.lmm.small import MARKER, build_small_causal_lm, build_small_vlm  # noqa: E402
+from recbole_mm.lmm.tiny_models import MARKER, build_tiny_causal_lm, build_tiny_vlm  # noqa: E402
 
 TITLES = [
     "Red matte lipstick, long lasting", "Waterproof black eyeliner pencil", "Vitamin C face serum 30 ml",
@@ -28,12 +28,12 @@ SMALL = dict(hidden_size=64, num_layers=1, num_heads=4, vocab_size=500, vision_d
 
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory):
-    return build_small_vlm(str(tmp_path_factory.mktemp("lmm") / "small-vlm"), TITLES, **SMALL)
+    return build_tiny_vlm(str(tmp_path_factory.mktemp("lmm") / "small-vlm"), TITLES, **SMALL)
 
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
-    return build_small_causal_lm(str(tmp_path_factory.mktemp("lmm") / "small-lm"), TITLES,
+    return build_tiny_causal_lm(str(tmp_path_factory.mktemp("lmm") / "small-lm"), TITLES,
                                  hidden_size=32, num_layers=1, num_heads=2, vocab_size=500)
 
 
@@ -175,11 +175,11 @@ def test_small_causal_lm(lm_dir):
 
 
 def test_build_reuses_cache(tmp_path, monkeypatch):
-    import recbole_mm.lmm.small as small
+    import recbole_mm.lmm.tiny_models as small
 
     out = str(tmp_path / "vlm")
     kwargs = dict(hidden_size=32, num_layers=1, num_heads=2, vocab_size=400, vision_embed_dim=32)
-    path = build_small_vlm(out, TITLES[:5], **kwargs)
+    path = build_tiny_vlm(out, TITLES[:5], **kwargs)
     weights = os.path.join(path, "model.safetensors")
     marker = os.path.join(path, MARKER)
     stamp = (os.stat(weights).st_mtime_ns, os.stat(marker).st_mtime_ns)
@@ -189,7 +189,7 @@ def test_build_reuses_cache(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(small, "train_tokenizer", no_rebuild)
-        assert build_small_vlm(out, TITLES[:5], **kwargs) == path
+        assert build_tiny_vlm(out, TITLES[:5], **kwargs) == path
     assert (os.stat(weights).st_mtime_ns, os.stat(marker).st_mtime_ns) == stamp
     # no temporary folders left beside it
     assert os.listdir(tmp_path) == ["vlm"]
@@ -197,12 +197,12 @@ def test_build_reuses_cache(tmp_path, monkeypatch):
     import json
 
     old = json.load(open(marker))["texts_fingerprint"]
-    assert build_small_vlm(out, TITLES[:6], **kwargs) == path
+    assert build_tiny_vlm(out, TITLES[:6], **kwargs) == path
     assert json.load(open(marker))["texts_fingerprint"] != old
     assert sorted(os.listdir(tmp_path)) == ["vlm"]
     # an incomplete folder (no marker) is rebuilt, not trusted
     os.remove(marker)
-    build_small_vlm(out, TITLES[:6], **kwargs)
+    build_tiny_vlm(out, TITLES[:6], **kwargs)
     assert os.path.isfile(marker)
 
 
@@ -210,9 +210,9 @@ def test_build_is_seeded(tmp_path):
     from safetensors.torch import load_file
 
     kwargs = dict(hidden_size=32, num_layers=1, num_heads=2, vocab_size=400, vision_embed_dim=32)
-    a = load_file(os.path.join(build_small_vlm(str(tmp_path / "a"), TITLES[:5], seed=3, **kwargs), "model.safetensors"))
-    b = load_file(os.path.join(build_small_vlm(str(tmp_path / "b"), TITLES[:5], seed=3, **kwargs), "model.safetensors"))
-    c = load_file(os.path.join(build_small_vlm(str(tmp_path / "c"), TITLES[:5], seed=4, **kwargs), "model.safetensors"))
+    a = load_file(os.path.join(build_tiny_vlm(str(tmp_path / "a"), TITLES[:5], seed=3, **kwargs), "model.safetensors"))
+    b = load_file(os.path.join(build_tiny_vlm(str(tmp_path / "b"), TITLES[:5], seed=3, **kwargs), "model.safetensors"))
+    c = load_file(os.path.join(build_tiny_vlm(str(tmp_path / "c"), TITLES[:5], seed=4, **kwargs), "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point() and a[k].numel() > 100)

@@ -6,10 +6,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from recbole_mm.lmm.backbone import BackboneSettings, load_backbone  # noqa: E402
-from recbole_mm.lmm.small import build_small_vlm  # noqa: E402
+from recbole_mm.lmm.tiny_models import build_tiny_vlm  # noqa: E402
+from recbole_mm.lmm.prompts import index_letters  # noqa: E402
 from recbole_mm.lmm.verbalizer import (  # noqa: E402
-    VerbalizerError, end_of_turn_token, index_letters, last_positions, letter_labels, letter_token_ids,
-    response_text, score_candidates)
+    VerbalizerError, end_of_turn_token, last_positions, letter_labels, letter_token_ids, response_text,
+    score_candidates)
 
 TITLES = ["Red matte lipstick", "Waterproof eyeliner", "Vitamin C serum", "Ionic hair dryer",
           "Rose body lotion", "Sunscreen SPF 50"] * 3
@@ -17,7 +18,7 @@ TITLES = ["Red matte lipstick", "Waterproof eyeliner", "Vitamin C serum", "Ionic
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
-    path = build_small_vlm(str(tmp_path_factory.mktemp("verb") / "vlm"), TITLES, hidden_size=64, num_layers=1,
+    path = build_tiny_vlm(str(tmp_path_factory.mktemp("verb") / "vlm"), TITLES, hidden_size=64, num_layers=1,
                            num_heads=4, vocab_size=500, vision_embed_dim=32, seed=1)
     bb = load_backbone(BackboneSettings(name_or_path=path, quantization="none", lora_r=0))
     bb.model.eval()

@@ -72,7 +72,7 @@ def test_ranker_min_history_prompt_count_matches_hand_count(tiny_dataset, tmp_pa
 
 
 def test_reference_popularity_counts_match_the_inter_file(tiny_dataset, tmp_path):
-    from recbole_mm.sampler.ranker import RankerNegativeSampler
+    from recbole_mm.sampler.ranker_negatives import RankerNegativeSampler
 
     data_path, name = tiny_dataset
     dataset, train_data, valid_data, trainer = _prime_loaders(data_path, name, tmp_path, False)

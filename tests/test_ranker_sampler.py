@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from recbole_mm.sampler.ranker import RankerNegativeSampler, retriever_candidates, training_candidates
+from recbole_mm.sampler.ranker_negatives import RankerNegativeSampler, retriever_candidates, training_candidates
 
 
 class FakeDataset:

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from recbole_mm.data.atomic import DataFormatError
+from recbole_mm.errors import DataFormatError
 from recbole_mm.data.fixtures import FixtureSpec, make_fixture
 from recbole_mm.data.item_store import ItemStore
 from recbole_mm.lmm.describer import (DescriberSettings, DescriptionCache, attributes_text, generate_descriptions,
                                       load_describer, render_prompt)
-from recbole_mm.lmm.sentence_encoder import (EmbeddingCache, EncoderLoadError, SentenceEncoder,
-                                             build_small_text_encoder, cached_encode, resolve_text_encoder)
+from recbole_mm.lmm.sentence_encoder import (EmbeddingCache, EncoderLoadError, SentenceEncoder, cached_encode,
+                                             resolve_text_encoder)
+from recbole_mm.lmm.tiny_models import build_tiny_text_encoder
 from recbole_mm.model.vlm4rec import VLM4Rec
 from recbole_mm.quick_start import run_recbole_mm
 
@@ -236,7 +237,7 @@ def test_embedding_cache_resumes_and_recomputes_only_changed_items(tmp_path):
 
 def test_sentence_encoder_pools_over_real_tokens_and_normalises(tmp_path):
     texts = ["red wool coat", "blue cotton shirt for summer evenings with friends", "black boots"]
-    path = build_small_text_encoder(str(tmp_path / "enc"), texts * 5)
+    path = build_tiny_text_encoder(str(tmp_path / "enc"), texts * 5)
     encoder = SentenceEncoder(path, max_length=32, batch_size=8)
     together = encoder.encode(texts)
     alone = np.concatenate([encoder.encode([t]) for t in texts])

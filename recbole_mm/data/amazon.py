@@ -20,7 +20,7 @@ Exact duplicate interactions (same user, item, rating and time) are dropped befo
 counted in ``meta.json`` (``duplicates_dropped``). A rating or price that is not a finite number
 (``nan``, ``inf``) or a time that is not whole seconds within +-2**53 stops the conversion with
 an error naming the file, line, field and value; a missing rating is allowed (empty cell). The
-dataset folder is written as a whole (:func:`recbole_mm.data.atomic.staged_folder`) or not at all.
+dataset folder is written as a whole (:func:`recbole_mm.data.atomic_files.staged_folder`) or not at all.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from recbole_mm.data.atomic import (DataFormatError, check_output_folder, decode_utf8, fix_surrogates,
-                                    sanitize_text, staged_folder, unparsable_line, write_atomic, write_json,
-                                    write_jsonl)
+from recbole_mm.errors import DataFormatError
+from recbole_mm.data.atomic_files import check_output_folder, sanitize_text, write_atomic
+from recbole_mm.files import decode_utf8, fix_surrogates, staged_folder, unparsable_line, write_json, write_jsonl
 
 _WHOLE = re.compile(r"[-+]?\d{1,18}")
 _MAX_TIME = 2 ** 53  # whole seconds exact in a float64

@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from recbole_mm.data.atomic import (DataFormatError, atomic_output, read_jsonl, remove_stale_temps, write_json,
-                                    write_jsonl)
+from recbole_mm.errors import DataFormatError
+from recbole_mm.files import atomic_output, read_jsonl, remove_stale_temps, write_json, write_jsonl
 
 USER_AGENT = "recbole-mm-image-downloader/0.1"
 MAX_BYTES = 20 * 1024 * 1024

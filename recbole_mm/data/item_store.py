@@ -28,7 +28,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from recbole_mm.data.atomic import DataFormatError, read_jsonl
+from recbole_mm.errors import DataFormatError
+from recbole_mm.files import read_jsonl
 from recbole_mm.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ The datasets are already filtered (k-core) here; the yaml files do not filter ag
 loads exactly the counts printed by :mod:`recbole_mm.data.stats`.
 
 A dataset is built in a temporary folder and published only when every file is written
-(:func:`recbole_mm.data.atomic.staged_folder`): a failure leaves no new file and an existing
+(:func:`recbole_mm.data.atomic_files.staged_folder`): a failure leaves no new file and an existing
 dataset folder untouched.
 """
 
@@ -35,8 +35,9 @@ from datetime import date
 from pathlib import Path
 from typing import Callable, Iterable
 
-from recbole_mm.data.atomic import (DataFormatError, check_output_folder, read_jsonl, sanitize_text, staged_folder,
-                                    write_atomic, write_json, write_jsonl)
+from recbole_mm.errors import DataFormatError
+from recbole_mm.data.atomic_files import check_output_folder, sanitize_text, write_atomic
+from recbole_mm.files import read_jsonl, staged_folder, write_json, write_jsonl
 from recbole_mm.data.amazon import kcore_filter
 
 DEFAULT_SHARED = "../shared/data"

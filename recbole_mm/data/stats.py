@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from recbole_mm.data.atomic import DataFormatError, decode_utf8, read_header
+from recbole_mm.errors import DataFormatError
+from recbole_mm.files import decode_utf8
+from recbole_mm.data.atomic_files import read_header
 
 
 def resolve_dataset(dir_or_name: str | os.PathLike, data_path: str | os.PathLike = "dataset") -> Path:

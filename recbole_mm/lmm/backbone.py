@@ -2,7 +2,7 @@
 4-bit NF4 (QLoRA), with LoRA adapters on the language model's linear layers only.
 
 One code path for hub ids, local checkpoint folders and the small local model
-(:mod:`recbole_mm.lmm.small`). transformers / peft / bitsandbytes are imported inside functions.
+(:mod:`recbole_mm.lmm.tiny_models`). transformers / peft / bitsandbytes are imported inside functions.
 """
 
 from __future__ import annotations
@@ -78,16 +78,6 @@ class Backbone:
 
 # ----------------------------------------------------------------------------------------------
 # resolution helpers
-
-
-def _offline() -> bool:
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return any(v.strip().lower() in ("1", "true", "yes", "on") for v in flags)
-
-
-def _looks_local(name: str) -> bool:
-    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
-            or name.endswith("/"))
 
 
 def _load_error(name: str, cause: BaseException | None, local: bool) -> BackboneLoadError:
@@ -323,20 +313,15 @@ def load_backbone(settings: BackboneSettings) -> Backbone:
     name = str(settings.name_or_path)
     if name == "small":
         raise BackboneLoadError("'small' names the small local model, which must be built first: "
-                                "recbole_mm.lmm.small.build_small_vlm(out_dir, texts) returns the folder to load")
+                                "recbole_mm.lmm.tiny_models.build_tiny_vlm(out_dir, texts) returns the folder to load")
     from recbole_mm.lmm.gguf import dequantized_folder, is_gguf_name
+    from recbole_mm.lmm.hub import locate
 
     if is_gguf_name(name):  # 'smollm2' or a .gguf file: load its dequantized copy (made on first use)
         name = dequantized_folder(name, settings.cache_dir)
-    path = os.path.expanduser(name)
-    local = os.path.isdir(path)
-    if not local and _looks_local(name):
+    path, hub_kwargs, local, missing = locate(name, settings.trust_remote_code)
+    if missing:
         raise _load_error(name, None, local=True)
-    if not local:
-        path = name
-    hub_kwargs: dict = {"trust_remote_code": bool(settings.trust_remote_code)}
-    if not local and _offline():
-        hub_kwargs["local_files_only"] = True
     try:
         config = AutoConfig.from_pretrained(path, **hub_kwargs)
     except OSError as e:

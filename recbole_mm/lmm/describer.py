@@ -2,7 +2,7 @@
 
 Any image-text-to-text model loads through :func:`recbole_mm.lmm.backbone.load_backbone` (hub id,
 local folder, 4-bit on GPU, no LoRA); ``small`` builds the random-weight local Qwen2-VL of
-:mod:`recbole_mm.lmm.small` (gibberish text: for tests and cost measurements only). Each item's
+:mod:`recbole_mm.lmm.tiny_models` (gibberish text: for tests and cost measurements only). Each item's
 image is shown with a prompt (by default asking for colour, material, style and usage); an item
 without an image is described from its text attributes (``missing_image: text``) or skipped
 (``skip``). Generation is greedy and batched.
@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from recbole_mm.data.atomic import DataFormatError, write_json, write_jsonl
+from recbole_mm.errors import DataFormatError
+from recbole_mm.files import write_json, write_jsonl
 from recbole_mm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -224,14 +225,14 @@ def load_describer(settings: DescriberSettings, device="cpu", small_texts: Calla
 
     name = settings.model
     if name == "small":
-        from recbole_mm.lmm.small import build_small_vlm
-        from recbole_mm.trainer.artifacts import fingerprint
+        from recbole_mm.lmm.tiny_models import build_tiny_vlm
+        from recbole_mm.files import fingerprint
 
         texts = small_texts() if small_texts else []
         args = dict(small_args or {})
         folder = os.path.join(small_dir or "saved", f"small-vlm-{fingerprint(args, texts)}")
         kwargs = {k: v for k, v in (("min_pixels", settings.min_pixels), ("max_pixels", settings.max_pixels)) if v}
-        name = build_small_vlm(folder, texts, **kwargs, **args)
+        name = build_tiny_vlm(folder, texts, **kwargs, **args)
     try:
         backbone = load_backbone(BackboneSettings(
             name_or_path=name, quantization=settings.quantization, dtype=settings.dtype, lora_r=0,

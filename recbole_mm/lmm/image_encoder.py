@@ -5,7 +5,7 @@ The checkpoint (hub id or local folder) is loaded with the transformers class na
 unless ``trust_remote_code``), or ``AutoModel``. A model with ``get_image_features`` (``CLIPModel``,
 ``SiglipModel``) gives its projected image embedding; a vision tower gives ``image_embeds``
 (``CLIPVisionModelWithProjection``) or its pooled output. Vectors are L2-normalised.
-``small`` names a tiny random CLIP vision model built locally (:func:`build_small_clip`).
+``small`` names a tiny random CLIP vision model built locally (:func:`build_tiny_clip`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class ImageEncoder:
 
     @property
     def key(self) -> str:
-        from recbole_mm.trainer.artifacts import fingerprint
+        from recbole_mm.files import fingerprint
 
         return fingerprint("image", self._identity)
 
@@ -90,28 +90,3 @@ class ImageEncoder:
 
             self.encode([Image.new("RGB", (32, 32), (128, 128, 128))])
         return self.dim
-
-
-def build_small_clip(out_dir, *, image_size: int = 32, patch_size: int = 8, hidden_size: int = 32,
-                     num_layers: int = 1, num_heads: int = 2, projection_dim: int = 32, seed: int = 0) -> str:
-    """Build (or reuse) a random-weight CLIP vision model with projection + its image processor."""
-    from recbole_mm.lmm.small import _build_atomically
-
-    args = dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers,
-                num_heads=num_heads, projection_dim=projection_dim, seed=seed)
-    meta = {"kind": "clip_vision", "version": 1, "arguments": args, "texts_fingerprint": None}
-
-    def write(tmp: str):
-        import torch
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-        from transformers.models.clip import CLIPImageProcessorPil
-
-        config = CLIPVisionConfig(hidden_size=hidden_size, intermediate_size=hidden_size * 4,
-                                  num_hidden_layers=num_layers, num_attention_heads=num_heads, image_size=image_size,
-                                  patch_size=patch_size, projection_dim=projection_dim)
-        torch.manual_seed(seed)
-        CLIPVisionModelWithProjection(config).eval().save_pretrained(tmp)
-        CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                              crop_size={"height": image_size, "width": image_size}).save_pretrained(tmp)
-
-    return _build_atomically(out_dir, meta, write)

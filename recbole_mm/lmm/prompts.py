@@ -67,9 +67,9 @@ def prompt_text_settings(name: str) -> dict:
 
 
 def index_letters(k: int) -> list[str]:
-    """The first ``k`` index letters: ``["A", "B", ...]`` (at most 26)."""
-    if not 0 <= k <= len(LETTERS):
-        raise ValueError(f"between 0 and {len(LETTERS)} candidates can be lettered, got {k}")
+    """The first ``k`` index letters of the candidates: ``["A", "B", ...]``; 1 <= k <= 26."""
+    if not 0 < k <= len(LETTERS):
+        raise ValueError(f"candidates are indexed with the letters A..Z: 1 to {len(LETTERS)} of them, got k={k}")
     return list(LETTERS[:k])
 
 

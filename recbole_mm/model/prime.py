@@ -19,12 +19,14 @@ SHARED_KEYS = (
 
 def retriever_config(config):
     """The RecBole config of PRIME's retriever (its own model yaml + shared data settings)."""
-    from recbole_mm.config import Config
+    from recbole_mm.errors import ConfigError
 
+    if not hasattr(config, "for_model"):
+        raise ConfigError("PRIME needs recbole_mm's Config (recbole_mm.config.Config), which builds its "
+                          "retriever's config; RecBole's own Config does not")
     shared = {k: config.external_config_dict[k] for k in SHARED_KEYS if k in config.external_config_dict}
     shared.update(retriever_selection(config))
-    return Config(model=config["retriever"], dataset=config["dataset"],
-                  config_dict={**shared, **(config["retriever_config"] or {})})
+    return config.for_model(config["retriever"], {**shared, **(config["retriever_config"] or {})})
 
 
 def retriever_selection(config) -> dict:
@@ -60,7 +62,7 @@ class PRIME(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        from recbole_mm.utils import get_model
+        from recbole_mm.model.registry import get_model
 
         self.retriever_config = retriever_config(config)
         self.retriever = get_model(config["retriever"])(self.retriever_config, dataset)

@@ -28,7 +28,7 @@ def item_texts(config, store) -> tuple[list[str | None], dict]:
     ``title_attribute_fields``, by default every field but the free-text ones); any other name is
     an item field, e.g. ``description``.
     """
-    from recbole_mm.data.atomic import DataFormatError
+    from recbole_mm.errors import DataFormatError
     from recbole_mm.lmm.describer import attributes_text
 
     source = config["text_source"]
@@ -61,7 +61,7 @@ def item_texts(config, store) -> tuple[list[str | None], dict]:
 
 
 def _generated(config, store) -> tuple[dict[str, str], dict | None]:
-    from recbole_mm.data.atomic import DataFormatError
+    from recbole_mm.errors import DataFormatError
     from recbole_mm.lmm.describer import (DescriberSettings, DescriptionCache, attributes_text, generate_descriptions,
                                           load_describer)
 
@@ -106,7 +106,7 @@ def build_item_representations(config, dataset) -> dict:
     under ``embedding_cache_dir`` (computing what they lack), and the build statistics."""
     from recbole_mm.data.item_store import ItemStore
     from recbole_mm.lmm.sentence_encoder import EmbeddingCache, cached_encode, content_hash
-    from recbole_mm.trainer.artifacts import fingerprint
+    from recbole_mm.files import fingerprint
 
     logger = getLogger()
     fusion = config["fusion"]
@@ -118,7 +118,8 @@ def build_item_representations(config, dataset) -> dict:
     out: dict = {"text": None, "image": None, "info": {}}
 
     if fusion != "image":
-        from recbole_mm.lmm.sentence_encoder import SentenceEncoder, build_small_text_encoder
+        from recbole_mm.lmm.sentence_encoder import SentenceEncoder
+        from recbole_mm.lmm.tiny_models import build_tiny_text_encoder
 
         texts, info = item_texts(config, store)
         rows = [i for i, t in enumerate(texts) if t is not None]
@@ -126,7 +127,7 @@ def build_item_representations(config, dataset) -> dict:
         if encoder_name == "small":
             args = dict(config["text_encoder_small"] or {})
             plain = [texts[i] for i in rows]
-            encoder_name = build_small_text_encoder(
+            encoder_name = build_tiny_text_encoder(
                 os.path.join(config["artifacts_dir"], f"small-text-{fingerprint(args, plain)}"), plain, **args)
         encoder = SentenceEncoder(encoder_name, device=device, max_length=config["text_encoder_max_length"],
                                   batch_size=config["encode_batch_size"], pooling=config["text_encoder_pooling"],
@@ -144,8 +145,9 @@ def build_item_representations(config, dataset) -> dict:
         del encoder
 
     if fusion != "text":
-        from recbole_mm.data.atomic import DataFormatError
-        from recbole_mm.lmm.image_encoder import ImageEncoder, build_small_clip
+        from recbole_mm.errors import DataFormatError
+        from recbole_mm.lmm.image_encoder import ImageEncoder
+        from recbole_mm.lmm.tiny_models import build_tiny_clip
 
         rows = [i for i in store.item_ids() if store.has_image(i)]
         if not rows:
@@ -156,7 +158,7 @@ def build_item_representations(config, dataset) -> dict:
         if encoder_name == "small":
             args = dict(config["image_encoder_small"] or {})
             folder = os.path.join(config["artifacts_dir"], f"small-clip-{fingerprint(args)}")
-            encoder_name = build_small_clip(folder, **args)
+            encoder_name = build_tiny_clip(folder, **args)
         encoder = ImageEncoder(encoder_name, device=device, batch_size=config["encode_batch_size"],
                                trust_remote_code=config["trust_remote_code"])
         dim = encoder.output_dim()

@@ -1,5 +1,5 @@
 """Trainers: RecBole's, with weights-only checkpoints, resumable runs and per-epoch timings."""
 
-from recbole_mm.trainer.features import RecBoleMMTrainerMixin, with_recbole_mm_features
+from recbole_mm.trainer.mixin import RecBoleMMTrainerMixin, with_recbole_mm_features
 
 __all__ = ["RecBoleMMTrainerMixin", "with_recbole_mm_features"]

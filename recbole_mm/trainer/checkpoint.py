@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from recbole_mm.data.atomic import atomic_output
+from recbole_mm.files import atomic_output
 from recbole_mm.errors import CheckpointError
 
 

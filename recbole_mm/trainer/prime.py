@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import init_seed
 
-from recbole_mm.trainer.artifacts import StageStore, dataset_fingerprint, fingerprint
+from recbole_mm.trainer.stage_store import StageStore
+from recbole_mm.files import dataset_fingerprint, fingerprint
 from recbole_mm.trainer.checkpoint import atomic_save, checkpoint_entries, load_model_state, plain_config, safe_load
 from recbole_mm.trainer.preference import PREFERENCE_KEYS, PreferenceTrainer
 from recbole_mm.trainer.ranker import RankerExamples, RankerTrainer, ranked_ndcg
-from recbole_mm.trainer.tracking import StageTracker
+from recbole_mm.trainer.tracking import StageTracker, peak_memory_mb
 
 RANKER_KEYS = ("ranker_model", "ranker_small", "ranker_quantization", "ranker_dtype", "lora_r", "lora_alpha",
                "lora_dropout", "prompt_variant", "prompt_domain", "max_history_items", "attr_max_tokens",
@@ -90,16 +90,13 @@ class PRIMETrainer(Trainer):
 
     # ----------------------------------------------------------------------------- stages
     def _stage(self, name: str, started: float, **info):
-        entry = {"wall_s": time.perf_counter() - started,
-                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **info}
-        if torch.cuda.is_available():
-            entry["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        entry = {"wall_s": time.perf_counter() - started, **peak_memory_mb(), **info}
         self.stage_log[name] = entry
         self.logger.info(f"[PRIME] stage {name}: {json.dumps(entry, default=str)}")
 
     def train_retriever(self):
         """Stage 1: train (or load) the retriever; returns the stage key."""
-        from recbole_mm.quick_start import _train_and_evaluate
+        from recbole_mm.trainer.standalone import train_and_test
 
         started = time.perf_counter()
         rconf = self.model.retriever_config
@@ -120,7 +117,7 @@ class PRIMETrainer(Trainer):
             self.stages.finish("retriever", key, info)
         else:
             self.logger.info(f"[PRIME] stage retriever: training {rconf['model']}")
-            result = _train_and_evaluate(rconf, saved=True, resume=None)
+            result, _, _ = train_and_test(rconf, saved=True)
             atomic_save(safe_load(result["saved_model_file"], map_location="cpu")["state_dict"], str(path))
             info = {k: result.get(k) for k in ("best_valid_result", "test_result", "epochs_run", "best_epoch",
                                                "time_per_epoch_s", "total_time_s", "epoch_log")}
@@ -138,18 +135,18 @@ class PRIMETrainer(Trainer):
         from recbole_mm.data.item_store import ItemStore
         from recbole_mm.lmm.backbone import BackboneSettings, load_backbone
         from recbole_mm.lmm.prompts import PromptSettings, prompt_text_settings
-        from recbole_mm.lmm.ranker import LMMRanker
+        from recbole_mm.lmm.candidate_ranker import LMMRanker
 
         cfg = self.config
         store = ItemStore.from_recbole(cfg, dataset, min_pixels=cfg["image_min_pixels"],
                                        max_pixels=cfg["image_max_pixels"])
         name = cfg["ranker_model"]
         if name == "small":
-            from recbole_mm.lmm.small import build_small_vlm
+            from recbole_mm.lmm.tiny_models import build_tiny_vlm
 
             texts = [json.dumps(store.attributes(i), ensure_ascii=False) for i in range(1, len(store))]
             folder = os.path.join(cfg["artifacts_dir"], f"small-vlm-{fingerprint(cfg['ranker_small'], texts)}")
-            name = build_small_vlm(folder, texts, seed=cfg["seed"], min_pixels=cfg["image_min_pixels"],
+            name = build_tiny_vlm(folder, texts, seed=cfg["seed"], min_pixels=cfg["image_min_pixels"],
                                    max_pixels=cfg["image_max_pixels"], **cfg["ranker_small"])
         # reseed: LoRA's initial weights (and, in train_ranker, training) must depend on the stage key
         # only, not on whether stage 1 trained or the small model was built in this process
@@ -173,7 +170,7 @@ class PRIMETrainer(Trainer):
         the answer among k-1 sampled negatives (popularity from ``ranker_negative_counts``; its
         ``train_valid_plus_one`` needs ``valid_data``)."""
         from recbole_mm.errors import ConfigError
-        from recbole_mm.sampler.ranker import RankerNegativeSampler, training_candidates
+        from recbole_mm.sampler.ranker_negatives import RankerNegativeSampler, training_candidates
 
         dataset = train_data._dataset
         generator = torch.Generator().manual_seed(self.config["seed"])
@@ -203,7 +200,7 @@ class PRIMETrainer(Trainer):
     def validation_examples(self, valid_data, users: int | None = -1) -> RankerExamples:
         """A sample of validation users (``ranker_valid_users`` unless given; ``None``: all) with the
         retriever's top-k as candidates."""
-        from recbole_mm.sampler.ranker import retriever_candidates
+        from recbole_mm.sampler.ranker_negatives import retriever_candidates
 
         dataset = valid_data._dataset
         generator = torch.Generator().manual_seed(self.config["seed"] + 1)

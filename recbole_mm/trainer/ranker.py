@@ -85,7 +85,7 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float):
 
 
 class RankerTrainer:
-    """Fits an :class:`~recbole_mm.lmm.ranker.LMMRanker` on :class:`RankerExamples`.
+    """Fits an :class:`~recbole_mm.lmm.candidate_ranker.LMMRanker` on :class:`RankerExamples`.
 
     Config keys: ``ranker_learning_rate``, ``ranker_epochs``, ``ranker_batch_size``,
     ``ranker_grad_accum``, ``ranker_warmup_steps``, ``ranker_valid_every`` (optimizer steps),

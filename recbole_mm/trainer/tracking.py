@@ -47,3 +47,15 @@ class StageTracker:
                 self.tensorboard.add_scalar(f"{self.stage}/{key}", value, step)
         if self._wandb_on():
             self.wandblogger.log_metrics({**values, f"{self.stage}_step": step}, head=self.stage)
+
+
+def peak_memory_mb() -> dict:
+    """Peak resident memory of this process (and peak CUDA memory when a GPU is used), in MiB."""
+    import resource
+
+    import torch
+
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return peak

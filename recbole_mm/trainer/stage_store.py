@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
-from recbole_mm.data.atomic import write_json
+from recbole_mm.files import write_json
 
 
-def fingerprint(*parts) -> str:
-    """Short stable hash of JSON-serialisable parts (configs, file fingerprints, ...)."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def dataset_fingerprint(config) -> dict:
-    """Name, size and modification time of the dataset's atomic files (cheap, no reading)."""
-    folder = config["data_path"]
-    files = {}
-    if os.path.isdir(folder):
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
-            if os.path.isfile(path) and name.startswith(config["dataset"] + "."):
-                stat = os.stat(path)
-                files[name] = [stat.st_size, int(stat.st_mtime)]
-    return {"dataset": config["dataset"], "files": files}
 
 
 class StageStore:

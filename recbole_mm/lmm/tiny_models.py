@@ -1,9 +1,10 @@
-"""Small local models built from a config (no hub, no download).
+"""Tiny local models built from a config (no hub, no download).
 
-:func:`build_small_vlm` writes a randomly initialised (seeded) Qwen2-VL-architecture model with a
+:func:`build_tiny_vlm` writes a randomly initialised (seeded) Qwen2-VL-architecture model with a
 byte-level BPE tokenizer trained on the dataset's item text, Qwen2-VL's special tokens and chat
-template, and a ``Qwen2VLProcessor``; :func:`build_small_causal_lm` does the same for a text-only
-Qwen2 causal LM. Both save with ``save_pretrained`` into a folder that loads through
+template, and a ``Qwen2VLProcessor``; :func:`build_tiny_causal_lm` does the same for a text-only
+Qwen2 causal LM; :func:`build_tiny_clip` a CLIP vision tower with projection (VLM4Rec's image
+encoder) and :func:`build_tiny_text_encoder` a BERT sentence encoder. All save with ``save_pretrained`` into a folder that loads through
 :func:`recbole_mm.lmm.backbone.load_backbone` exactly like a real checkpoint. A folder that already
 holds a complete build with the same arguments and texts is reused as it is.
 """
@@ -14,11 +15,10 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from typing import Iterable
 
 from recbole_mm.errors import ConfigError
+from recbole_mm.files import build_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -111,51 +111,8 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [half - 2 * hw, hw, hw]
 
 
-def _is_complete(out_dir: str, meta: dict) -> bool:
-    path = os.path.join(out_dir, MARKER)
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(out_dir, "config.json")):
-        return False
-    try:
-        with open(path, encoding="utf-8") as f:
-            found = json.load(f)
-    except (OSError, ValueError):
-        return False
-    keys = ("kind", "version", "arguments", "texts_fingerprint")
-    return all(found.get(k) == meta.get(k) for k in keys) and all(
-        os.path.isfile(os.path.join(out_dir, name)) for name in found.get("files", []))
 
 
-def _build_atomically(out_dir: str, meta: dict, write) -> str:
-    """Reuse ``out_dir`` when it holds this build, else ``write(tmp)`` beside it and rename."""
-    out_dir = os.path.abspath(out_dir)
-    if _is_complete(out_dir, meta):
-        logger.info(f"small model: reusing {out_dir}")
-        return out_dir
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        write(tmp)
-        files = sorted(os.path.relpath(os.path.join(d, n), tmp) for d, _, ns in os.walk(tmp) for n in ns)
-        with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
-            json.dump({**meta, "files": files}, f, indent=2, sort_keys=True)
-        if os.path.lexists(out_dir):
-            if _is_complete(out_dir, meta):  # built concurrently by someone else
-                return out_dir
-            stale = out_dir + f".stale-{os.getpid()}"
-            os.rename(out_dir, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if _is_complete(out_dir, meta):
-                return out_dir
-            raise
-        logger.info(f"small model: built {out_dir}")
-        return out_dir
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _seed_everything(seed: int):
@@ -164,7 +121,7 @@ def _seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def build_small_vlm(out_dir, texts, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+def build_tiny_vlm(out_dir, texts, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                     vocab_size: int = 1000, vision_depth: int = 1, vision_embed_dim: int = 32, seed: int = 0,
                     min_pixels: int = 56 * 56, max_pixels: int = 168 * 168) -> str:
     """Build (or reuse) a small Qwen2-VL-architecture model in ``out_dir``; returns its path.
@@ -227,10 +184,10 @@ def build_small_vlm(out_dir, texts, *, hidden_size: int = 64, num_layers: int = 
         with open(os.path.join(tmp, "chat_template.jinja"), "w", encoding="utf-8") as f:
             f.write(QWEN2_VL_CHAT_TEMPLATE)
 
-    return _build_atomically(out_dir, meta, write)
+    return build_atomically(out_dir, meta, write)
 
 
-def build_small_causal_lm(out_dir, texts, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+def build_tiny_causal_lm(out_dir, texts, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                           vocab_size: int = 1000, seed: int = 0) -> str:
     """Build (or reuse) a small text-only Qwen2 causal LM in ``out_dir``; returns its path."""
     texts = [str(t) for t in texts]
@@ -258,4 +215,73 @@ def build_small_causal_lm(out_dir, texts, *, hidden_size: int = 64, num_layers: 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _build_atomically(out_dir, meta, write)
+    return build_atomically(out_dir, meta, write)
+
+
+def build_tiny_clip(out_dir, *, image_size: int = 32, patch_size: int = 8, hidden_size: int = 32,
+                     num_layers: int = 1, num_heads: int = 2, projection_dim: int = 32, seed: int = 0) -> str:
+    """Build (or reuse) a random-weight CLIP vision model with projection + its image processor."""
+    from recbole_mm.files import build_atomically
+
+    args = dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers,
+                num_heads=num_heads, projection_dim=projection_dim, seed=seed)
+    meta = {"kind": "clip_vision", "version": 1, "arguments": args, "texts_fingerprint": None}
+
+    def write(tmp: str):
+        import torch
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+        from transformers.models.clip import CLIPImageProcessorPil
+
+        config = CLIPVisionConfig(hidden_size=hidden_size, intermediate_size=hidden_size * 4,
+                                  num_hidden_layers=num_layers, num_attention_heads=num_heads, image_size=image_size,
+                                  patch_size=patch_size, projection_dim=projection_dim)
+        torch.manual_seed(seed)
+        CLIPVisionModelWithProjection(config).eval().save_pretrained(tmp)
+        CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                              crop_size={"height": image_size, "width": image_size}).save_pretrained(tmp)
+
+    return build_atomically(out_dir, meta, write)
+
+
+def build_tiny_text_encoder(out_dir, texts, *, hidden_size: int = 32, num_layers: int = 1, num_heads: int = 2,
+                             vocab_size: int = 500, seed: int = 0) -> str:
+    """Build (or reuse) a tiny random BERT with a WordPiece tokenizer trained on ``texts``.
+
+    Saved with ``save_pretrained``; loads through :class:`SentenceEncoder` like a real checkpoint.
+    """
+    from recbole_mm.files import build_atomically
+
+
+    texts = [str(t) for t in texts]
+    args = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, vocab_size=vocab_size,
+                seed=seed)
+    meta = {"kind": "bert", "version": 1, "arguments": args, "texts_fingerprint": texts_fingerprint(texts),
+            "n_texts": len(texts)}
+
+    def write(tmp: str):
+        import torch
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+        from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        tok.train_from_iterator(texts or ["empty"], trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=specials, show_progress=False))
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                       sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+        config = BertConfig(vocab_size=max(vocab_size, tok.get_vocab_size()), hidden_size=hidden_size,
+                            num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                            intermediate_size=hidden_size * 2, max_position_embeddings=512,
+                            pad_token_id=tok.token_to_id("[PAD]"))
+        torch.manual_seed(seed)
+        BertModel(config).eval().save_pretrained(tmp)
+        fast.save_pretrained(tmp)
+
+    return build_atomically(out_dir, meta, write)

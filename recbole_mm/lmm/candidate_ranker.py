@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from recbole_mm.lmm.prompts import PromptSettings, build_prompt
-from recbole_mm.lmm.verbalizer import index_letters, letter_labels, letter_token_ids, response_text, score_candidates
+from recbole_mm.lmm.prompts import PromptSettings, build_prompt, index_letters
+from recbole_mm.lmm.verbalizer import letter_labels, letter_token_ids, response_text, score_candidates
 
 
 class LMMRanker:
