@@ -86,8 +86,8 @@ def describer_cost(data_path: str, dataset: str, n_items: int, scratch: str) -> 
     with open(os.path.join(folder, f"{dataset}.items.jsonl"), encoding="utf-8") as f:
         tokens = ["[PAD]"] + [json.loads(line)["item_id"] for line in f if line.strip()]
     store = ItemStore(folder, tokens, min_pixels=3136, max_pixels=50176)
-    settings = DescriberSettings(model="small", max_new_tokens=64, min_new_tokens=64, batch_size=4,
-                                 min_pixels=3136, max_pixels=50176)
+    settings = DescriberSettings.defaults(model="small", max_new_tokens=64, min_new_tokens=64, batch_size=4,
+                                          min_pixels=3136, max_pixels=50176)
     out = os.path.join(scratch, "descriptions")
     shutil.rmtree(out, ignore_errors=True)
     cache = DescriptionCache(out, dataset)

@@ -141,7 +141,7 @@ def test_attribute_text_and_prompt_rendering():
 
 
 def _settings(**kw):
-    return DescriberSettings(model="small", max_new_tokens=4, batch_size=8, min_pixels=784, max_pixels=784, **kw)
+    return DescriberSettings.defaults(model="small", max_new_tokens=4, batch_size=8, min_pixels=784, max_pixels=784, **kw)
 
 
 def _loader(shared, store, settings):

@@ -28,9 +28,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from recbole_mm.errors import DataFormatError
+from recbole_mm.errors import ConfigError, DataFormatError
 from recbole_mm.files import read_jsonl
-from recbole_mm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +143,17 @@ class ItemStore:
         self._cache: OrderedDict[int, Any] = OrderedDict()
         self._bad: set[int] = set()
         self._padded: set[int] = set()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # a dataset that owns the store is pickled by RecBole's save_dataset / save_dataloaders and by
+        # DataLoader workers started with spawn: the lock cannot be pickled, the image cache need not be
+        state = dict(self.__dict__)
+        state["_cache"], state["_lock"] = OrderedDict(), None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     @classmethod

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from logging import getLogger
 
@@ -11,12 +10,22 @@ from recbole.utils import ModelType
 
 from recbole_mm.errors import DatasetNotFoundError, UserError
 
+logger = getLogger(__name__)
+
 
 def create_dataset(config):
-    """Build the dataset: ``recbole_mm.data.dataset.<Model>Dataset`` if it exists, else RecBole's choice."""
+    """Build the dataset: ``recbole_mm.data.dataset.<Model>Dataset`` if it exists, else
+    :class:`~recbole_mm.data.dataset.MultimodalSequentialDataset` for the models that read the items'
+    side data (PRIME, VLM4Rec, ...: :func:`~recbole_mm.data.dataset.needs_multimodal_data`), else
+    RecBole's choice. The multimodal dataset is always built, never read from RecBole's pickled
+    ``save_dataset`` file: its item store and vectors keep caches of their own, keyed by what made
+    them, which a pickle of the dataset would bypass."""
+    from recbole_mm.data import dataset as datasets
+
     check_dataset_files(config)
-    module = importlib.import_module("recbole_mm.data.dataset")
-    cls = getattr(module, config["model"] + "Dataset", None)
+    cls = getattr(datasets, config["model"] + "Dataset", None)
+    if cls is None and datasets.needs_multimodal_data(config):
+        cls = datasets.MultimodalSequentialDataset
     if cls is not None:
         return cls(config)
     from recbole.data import create_dataset as recbole_create_dataset
@@ -101,6 +110,6 @@ def data_preparation(config, dataset):
             loaders.append(SequentialFullSortEvalDataLoader(config, ds, sampler, history=history))
         else:
             loaders.append(cls(config, ds, sampler, shuffle=False))
-    getLogger().info(f"[Training]: train_batch_size = [{config['train_batch_size']}], train rows = {len(train_dataset)}; "
-                     f"[Evaluation]: eval_batch_size = [{config['eval_batch_size']}], mask_history = {config['mask_history']}")
+    logger.info(f"[Training]: train_batch_size = [{config['train_batch_size']}], train rows = {len(train_dataset)}; "
+                f"[Evaluation]: eval_batch_size = [{config['eval_batch_size']}], mask_history = {config['mask_history']}")
     return train_data, loaders[0], loaders[1]

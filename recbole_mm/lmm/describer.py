@@ -31,18 +31,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from recbole_mm.errors import DataFormatError
+from recbole_mm.errors import ConfigError, DataFormatError
 from recbole_mm.files import write_json, write_jsonl
-from recbole_mm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DESCRIBER = "llava-hf/llava-v1.6-mistral-7b-hf"  # LLaVA-NeXT 7B, as in the VLM4Rec paper
-DESCRIPTION_PROMPT = ("Describe this product for a shopper in two or three sentences: its colour, material, "
-                      "style, and the occasions or uses it suits.")
-TEXT_PROMPT = ("This product has no photo. From its details below, describe it for a shopper in two or three "
-               "sentences: its colour, material, style, and the occasions or uses it suits.\n{attributes}")
-CAPTION_PROMPT = "Write a one-sentence caption of this image."
+CAPTION_PROMPT = "Write a one-sentence caption of this image."  # the describer command's prompt for --tag=captions
 TAG_FIELDS = {"descriptions": "generated_description", "captions": "caption"}
 MISSING_IMAGE = ("text", "skip")
 # free text that is never part of a compact attribute line
@@ -78,28 +72,71 @@ def render_prompt(template: str, attributes: dict) -> str:
     return template.format_map(values)
 
 
+#: DescriberSettings field -> config key; the defaults are those of ``properties/model/VLM4Rec.yaml``
+CONFIG_KEYS = {
+    "model": "describer_model", "prompt": "describer_prompt", "text_prompt": "describer_text_prompt",
+    "missing_image": "describer_missing_image", "max_new_tokens": "describer_max_new_tokens",
+    "min_new_tokens": "describer_min_new_tokens", "quantization": "describer_quantization",
+    "dtype": "describer_dtype", "trust_remote_code": "trust_remote_code", "min_pixels": "image_min_pixels",
+    "max_pixels": "image_max_pixels", "batch_size": "describer_batch_size",
+}
+
+
+def yaml_defaults() -> dict:
+    """The describer's keys as ``properties/model/VLM4Rec.yaml`` sets them (plus ``description_tag``
+    and ``describer_small``): the one place their defaults are written."""
+    from importlib import resources
+
+    import yaml
+
+    path = resources.files("recbole_mm.properties") / "model" / "VLM4Rec.yaml"
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    keys = [*CONFIG_KEYS.values(), "description_tag", "describer_small"]
+    missing = [k for k in keys if k not in values]
+    if missing:
+        raise ConfigError(f"{path}: the describer's keys {missing} are missing; restore them (their defaults "
+                          f"live in this file only)")
+    return {k: values[k] for k in keys}
+
+
 @dataclass
 class DescriberSettings:
-    """How descriptions are generated; everything but the batch size is part of the cache's identity."""
+    """How descriptions are generated; everything but the batch size, quantization and dtype is part of
+    the cache's identity. Build it with :meth:`from_config` (a run's config) or :meth:`defaults` (the
+    yaml's values), overriding single fields by keyword."""
 
-    model: str = DEFAULT_DESCRIBER
-    prompt: str = DESCRIPTION_PROMPT
-    text_prompt: str = TEXT_PROMPT
-    missing_image: str = "text"      # text | skip
-    max_new_tokens: int = 96
-    min_new_tokens: int = 0          # > 0 forces longer outputs (cost measurements with untrained models)
-    quantization: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-    batch_size: int = 4
+    model: str
+    prompt: str
+    text_prompt: str
+    missing_image: str               # text | skip
+    max_new_tokens: int
+    min_new_tokens: int              # > 0 forces longer outputs (cost measurements with untrained models)
+    quantization: str
+    dtype: str
+    trust_remote_code: bool
+    min_pixels: int | None
+    max_pixels: int | None
+    batch_size: int
 
     def __post_init__(self):
         if self.missing_image not in MISSING_IMAGE:
             raise ConfigError(f"describer_missing_image must be one of {MISSING_IMAGE}, got {self.missing_image!r}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("describer_max_new_tokens and describer_batch_size must be >= 1")
+
+    @classmethod
+    def from_config(cls, config, **overrides: Any) -> "DescriberSettings":
+        """Settings from a RecBole config (or any mapping) holding the keys of :data:`CONFIG_KEYS`;
+        keyword arguments (field names) win."""
+        unknown = sorted(set(overrides) - set(CONFIG_KEYS))
+        if unknown:
+            raise TypeError(f"DescriberSettings has no fields {unknown}; fields: {sorted(CONFIG_KEYS)}")
+        return cls(**{**{name: config[key] for name, key in CONFIG_KEYS.items()}, **overrides})
+
+    @classmethod
+    def defaults(cls, **overrides: Any) -> "DescriberSettings":
+        """The yaml's settings (:func:`yaml_defaults`), with ``overrides``."""
+        return cls.from_config(yaml_defaults(), **overrides)
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("batch_size", "quantization", "dtype")}
@@ -322,18 +359,22 @@ def main(argv=None) -> int:
 
     from recbole_mm.data.item_store import ItemStore
 
-    parser = argparse.ArgumentParser(prog="python -m recbole_mm.lmm.describer", description=main.__doc__)
+    defaults = yaml_defaults()
+    parser = argparse.ArgumentParser(prog="python -m recbole_mm.lmm.describer", description=main.__doc__,
+                                     epilog="Defaults are those of properties/model/VLM4Rec.yaml.")
     parser.add_argument("--dataset", required=True, help="dataset name (the folder's <name>.items.jsonl)")
     parser.add_argument("--data_path", required=True, help="the dataset folder")
-    parser.add_argument("--model", default=DEFAULT_DESCRIBER, help="hub id, local folder, or 'small'")
-    parser.add_argument("--tag", default="descriptions", help="descriptions (VLM4Rec) or captions (MLLM4Rec)")
-    parser.add_argument("--prompt", default=None)
-    parser.add_argument("--text_prompt", default=TEXT_PROMPT)
-    parser.add_argument("--missing_image", default="text", choices=MISSING_IMAGE)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--max_new_tokens", type=int, default=96)
-    parser.add_argument("--min_pixels", type=int, default=56 * 56)
-    parser.add_argument("--max_pixels", type=int, default=224 * 224)
+    parser.add_argument("--model", default=defaults["describer_model"], help="hub id, local folder, or 'small'")
+    parser.add_argument("--tag", default=defaults["description_tag"],
+                        help="descriptions (VLM4Rec) or captions (MLLM4Rec)")
+    parser.add_argument("--prompt", default=None,
+                        help="default: describer_prompt (a one-sentence caption prompt with --tag=captions)")
+    parser.add_argument("--text_prompt", default=defaults["describer_text_prompt"])
+    parser.add_argument("--missing_image", default=defaults["describer_missing_image"], choices=MISSING_IMAGE)
+    parser.add_argument("--batch_size", type=int, default=defaults["describer_batch_size"])
+    parser.add_argument("--max_new_tokens", type=int, default=defaults["describer_max_new_tokens"])
+    parser.add_argument("--min_pixels", type=int, default=defaults["image_min_pixels"])
+    parser.add_argument("--max_pixels", type=int, default=defaults["image_max_pixels"])
     parser.add_argument("--limit", type=int, default=None, help="describe only the first N items")
     parser.add_argument("--out_dir", default=None, help="cache folder (default: the dataset folder)")
     args = parser.parse_args(argv)
@@ -352,15 +393,17 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     store = ItemStore(folder, tokens, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    prompt = args.prompt or (CAPTION_PROMPT if args.tag == "captions" else DESCRIPTION_PROMPT)
-    settings = DescriberSettings(model=args.model, prompt=prompt, text_prompt=args.text_prompt,
-                                 missing_image=args.missing_image, max_new_tokens=args.max_new_tokens,
-                                 min_pixels=args.min_pixels, max_pixels=args.max_pixels, batch_size=args.batch_size)
+    prompt = args.prompt or (CAPTION_PROMPT if args.tag == "captions" else defaults["describer_prompt"])
+    settings = DescriberSettings.from_config(
+        defaults, model=args.model, prompt=prompt, text_prompt=args.text_prompt, missing_image=args.missing_image,
+        max_new_tokens=args.max_new_tokens, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        batch_size=args.batch_size)
     cache = DescriptionCache(args.out_dir or folder, args.dataset, args.tag)
     device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
     texts = lambda: [attributes_text(store.attributes(i)) for i in range(len(store))]  # noqa: E731
     stats = generate_descriptions(
-        store, cache, settings, lambda: load_describer(settings, device, texts, small_dir="saved/describer"),
+        store, cache, settings, lambda: load_describer(settings, device, texts, small_dir="saved/describer",
+                                                       small_args=defaults["describer_small"]),
         item_ids=range(min(len(store), args.limit)) if args.limit else None)
     print(json.dumps(stats, indent=2))
     return 0

@@ -2,202 +2,48 @@
 
 from __future__ import annotations
 
-import os
-import re
 import time
 from logging import getLogger
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
-from recbole_mm.errors import ConfigError
+from recbole_mm.errors import ConfigError, UserError
+from recbole_mm.lmm.item_vectors import build_item_vectors
 from recbole_mm.model.fusion import FIXED, LEARNED, make_fusion
 
+logger = getLogger(__name__)
+
 FUSIONS = ("text", "image") + FIXED + LEARNED
-NAMED_SOURCES = ("generated", "title", "title_attributes")
 
 
-def item_texts(config, store) -> tuple[list[str | None], dict]:
-    """The text of every internal item id for ``text_source`` (``None``: no text), and what was done.
-
-    ``generated``: the describer's cache (generated first when ``generate_descriptions``);
-    ``title``; ``title_attributes`` (:func:`~recbole_mm.lmm.describer.attributes_text` over
-    ``title_attribute_fields``, by default every field but the free-text ones); any other name is
-    an item field, e.g. ``description``.
-    """
-    from recbole_mm.errors import DataFormatError
-    from recbole_mm.lmm.describer import attributes_text
-
-    source = config["text_source"]
-    real = store.item_ids()
-    info: dict = {"text_source": source}
-    if source == "generated":
-        by_token, info["describer"] = _generated(config, store)
-        texts = [None] * len(store)
-        for i in real:
-            texts[i] = by_token.get(store.token(i))
-    else:
-        fields = config["title_attribute_fields"]
-        texts = [None] * len(store)
-        for i in real:
-            attrs = store.attributes(i)
-            if source == "title_attributes":
-                texts[i] = attributes_text(attrs, fields=fields)
-            else:
-                value = attrs.get(source)
-                texts[i] = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-        texts = [str(t).strip() if t is not None and str(t).strip() else None for t in texts]
-        if not any(texts):
-            known = sorted({k for i in real for k in store.attributes(i)})
-            raise DataFormatError(
-                "no item has text for this text_source", file=store.source, field=source,
-                hint=f"set text_source to generated, title, title_attributes or one of the item fields {known}")
-    info["items_with_text"] = sum(t is not None for t in texts)
-    info["items"] = len(real)
-    return texts, info
-
-
-def _generated(config, store) -> tuple[dict[str, str], dict | None]:
-    from recbole_mm.errors import DataFormatError
-    from recbole_mm.lmm.describer import (DescriberSettings, DescriptionCache, attributes_text, generate_descriptions,
-                                          load_describer)
-
-    from recbole_mm.paths import description_dir
-
-    folder = description_dir(config, config["description_tag"])
-    cache = DescriptionCache(folder, config["dataset"], config["description_tag"])
-    stats = None
-    if config["generate_descriptions"]:
-        settings = DescriberSettings(
-            model=config["describer_model"], prompt=config["describer_prompt"],
-            text_prompt=config["describer_text_prompt"], missing_image=config["describer_missing_image"],
-            max_new_tokens=config["describer_max_new_tokens"], min_new_tokens=config["describer_min_new_tokens"],
-            quantization=config["describer_quantization"], dtype=config["describer_dtype"],
-            trust_remote_code=config["trust_remote_code"], min_pixels=config["image_min_pixels"],
-            max_pixels=config["image_max_pixels"], batch_size=config["describer_batch_size"])
-        texts = lambda: [attributes_text(store.attributes(i)) for i in range(len(store))]  # noqa: E731
-        stats = generate_descriptions(store, cache, settings, lambda: load_describer(
-            settings, config["device"], texts, small_dir=config["artifacts_dir"], small_args=config["describer_small"]),
-            show_progress=config["show_progress"])
-        getLogger().info(f"[VLM4Rec] descriptions: {stats}")
-    by_token = cache.texts()
-    if not by_token:
-        raise DataFormatError(
-            "no generated descriptions found", file=cache.path, field=cache.field,
-            hint="set generate_descriptions: True (with describer_model), or write them first with "
-                 f"`python -m recbole_mm.lmm.describer --dataset={config['dataset']} --data_path=...`, or "
-                 "choose another text_source (title, title_attributes or an item field)")
-    meta = cache.meta() or {}
-    if not meta.get("complete", False):
-        getLogger().warning(f"[VLM4Rec] {cache.path} is incomplete ({len(by_token)} items described): items "
-                            f"without a description have no text vector")
-    return {t: (s.strip() or None) for t, s in by_token.items() if s and s.strip()}, stats
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]+", "_", str(text))[:40]
-
-
-def build_item_representations(config, dataset) -> dict:
-    """Text and/or image vectors of every internal item id (zero rows where missing), from the caches
-    under ``embedding_cache_dir`` (computing what they lack), and the build statistics."""
-    from recbole_mm.data.item_store import ItemStore
-    from recbole_mm.lmm.sentence_encoder import EmbeddingCache, cached_encode, content_hash
-    from recbole_mm.files import fingerprint
-
-    logger = getLogger()
+def check_fusion(config) -> str:
+    """``config["fusion"]``, refused unless it is one of :data:`FUSIONS`."""
     fusion = config["fusion"]
-    store = ItemStore.from_recbole(config, dataset)
-    from recbole_mm.paths import embedding_cache_dir
+    if fusion not in FUSIONS:
+        raise ConfigError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    return fusion
 
-    cache_dir = str(embedding_cache_dir(config))
-    name, n, device = config["dataset"], len(store), config["device"]
-    out: dict = {"text": None, "image": None, "info": {}}
 
-    if fusion != "image":
-        from recbole_mm.lmm.sentence_encoder import SentenceEncoder
-        from recbole_mm.lmm.tiny_models import build_tiny_text_encoder
-
-        texts, info = item_texts(config, store)
-        rows = [i for i, t in enumerate(texts) if t is not None]
-        encoder_name = config["text_encoder"]
-        if encoder_name == "small":
-            args = dict(config["text_encoder_small"] or {})
-            plain = [texts[i] for i in rows]
-            encoder_name = build_tiny_text_encoder(
-                os.path.join(config["artifacts_dir"], f"small-text-{fingerprint(args, plain)}"), plain, **args)
-        encoder = SentenceEncoder(encoder_name, device=device, max_length=config["text_encoder_max_length"],
-                                  batch_size=config["encode_batch_size"], pooling=config["text_encoder_pooling"],
-                                  trust_remote_code=config["trust_remote_code"])
-        cache = EmbeddingCache(os.path.join(cache_dir, f"{name}.text-{_slug(config['text_source'])}.{encoder.key}.npz"))
-        matrix, stats = cached_encode(cache, [store.token(i) for i in rows], [content_hash(texts[i]) for i in rows],
-                                      lambda pos: encoder.encode([texts[rows[p]] for p in pos]), encoder.dim,
-                                      label="[VLM4Rec] text embeddings", show_progress=config["show_progress"])
-        text = np.zeros((n, encoder.dim), dtype=np.float32)
-        text[rows] = matrix
-        out["text"] = text
-        out["info"]["text"] = {**info, "encoder": encoder.name, "dim": encoder.dim, "pooling": encoder.pooling,
-                               "cache": str(cache.path), **stats}
-        logger.info(f"[VLM4Rec] text embeddings: {out['info']['text']}")
-        del encoder
-
-    if fusion != "text":
-        from recbole_mm.errors import DataFormatError
-        from recbole_mm.lmm.image_encoder import ImageEncoder
-        from recbole_mm.lmm.tiny_models import build_tiny_clip
-
-        rows = [i for i in store.item_ids() if store.has_image(i)]
-        if not rows:
-            raise DataFormatError(f"fusion {fusion!r} needs item images, but no item has an image file",
-                                  file=store.source, field="image",
-                                  hint="use fusion: text for a dataset without images")
-        encoder_name = config["image_encoder"]
-        if encoder_name == "small":
-            args = dict(config["image_encoder_small"] or {})
-            folder = os.path.join(config["artifacts_dir"], f"small-clip-{fingerprint(args)}")
-            encoder_name = build_tiny_clip(folder, **args)
-        encoder = ImageEncoder(encoder_name, device=device, batch_size=config["encode_batch_size"],
-                               trust_remote_code=config["trust_remote_code"])
-        dim = encoder.output_dim()
-
-        def compute(pos):
-            images = store.images([rows[p] for p in pos])
-            good = [k for k, img in enumerate(images) if img is not None]
-            vectors = np.zeros((len(pos), dim), dtype=np.float32)
-            if good:
-                vectors[good] = encoder.encode([images[k] for k in good])
-            return vectors
-
-        hashes = []
-        for i in rows:
-            with open(store.image_path(i), "rb") as f:
-                hashes.append(content_hash(f.read()))
-        key = fingerprint(encoder.key, store.min_pixels, store.max_pixels)
-        cache = EmbeddingCache(os.path.join(cache_dir, f"{name}.image.{key}.npz"))
-        matrix, stats = cached_encode(cache, [store.token(i) for i in rows], hashes, compute, dim,
-                                      chunk=256, label="[VLM4Rec] image embeddings",
-                                      show_progress=config["show_progress"])
-        image = np.zeros((n, dim), dtype=np.float32)
-        image[rows] = matrix
-        out["image"] = image
-        out["info"]["image"] = {"encoder": encoder.name, "dim": dim, "items_with_image": len(rows),
-                                "cache": str(cache.path), **stats}
-        logger.info(f"[VLM4Rec] image embeddings: {out['info']['image']}")
-    return out
+def modalities(fusion: str) -> tuple[str, ...]:
+    """The item vectors a fusion reads: ``text`` for every fusion but ``image``, ``image`` for every one but ``text``."""
+    return tuple(kind for kind, without in (("text", "image"), ("image", "text")) if fusion != without)
 
 
 class VLM4Rec(SequentialRecommender):
     """VLM4Rec as a RecBole sequential model: profile = mean of the unit item vectors of the last
     ``history_length`` items, renormalised; score = cosine with every item (paper Eqs. 14-20).
 
-    Item vectors are built once, at construction, from caches (see
-    :func:`build_item_representations`): the text of ``text_source`` (by default descriptions
-    written by a vision-language model) encoded by a sentence encoder, and for the comparison
-    variants an image encoder's vectors, used alone (``fusion: image``), concatenated, averaged, or
-    combined by a learned attention or gating module. Only the learned variants train (in-batch
+    Item vectors are built by the dataset, not by the model:
+    :func:`~recbole_mm.data.preparation.create_dataset` makes a
+    :class:`~recbole_mm.data.dataset.MultimodalSequentialDataset`, which calls
+    :meth:`build_item_vectors` once (from caches, see :mod:`recbole_mm.lmm.item_vectors`): the text
+    of ``text_source`` (by default descriptions written by a vision-language model) encoded by a
+    sentence encoder, and for the comparison variants an image encoder's vectors. The model reads
+    ``dataset.item_vectors`` and uses them alone (``fusion: text`` / ``image``), concatenated,
+    averaged, or combined by a learned attention or gating module. Only the learned variants train (in-batch
     InfoNCE between the profile and the next item, :meth:`calculate_loss`); the others have no
     parameters and :class:`~recbole_mm.trainer.vlm4rec.VLM4RecTrainer` only evaluates them. History
     items are excluded from the ranking by the data loader (``mask_history``), not here.
@@ -205,27 +51,39 @@ class VLM4Rec(SequentialRecommender):
 
     input_type = InputType.POINTWISE
 
+    @staticmethod
+    def build_item_vectors(config, item_store):
+        """The dataset's hook (``dataset.item_vectors``): the text and / or image vectors that
+        ``fusion`` reads, built once when the dataset is created."""
+        fusion = check_fusion(config)
+        kinds = modalities(fusion)
+        return build_item_vectors(config, item_store, text="text" in kinds, image="image" in kinds,
+                                  why=f"fusion {fusion!r}")
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.fusion_kind = config["fusion"]
-        if self.fusion_kind not in FUSIONS:
-            raise ConfigError(f"fusion must be one of {FUSIONS}, got {self.fusion_kind!r}")
+        self.fusion_kind = check_fusion(config)
         self.history_length = int(config["history_length"])
         if self.history_length < 1:
             raise ConfigError(f"history_length must be >= 1, got {self.history_length}")
         if self.history_length > self.max_seq_length:
-            getLogger().warning(f"[VLM4Rec] history_length {self.history_length} > MAX_ITEM_LIST_LENGTH "
-                                f"{self.max_seq_length}: the profile uses the last {self.max_seq_length} items")
+            logger.warning(f"[VLM4Rec] history_length {self.history_length} > MAX_ITEM_LIST_LENGTH "
+                           f"{self.max_seq_length}: the profile uses the last {self.max_seq_length} items")
         if not config["mask_history"]:
-            getLogger().info("[VLM4Rec] mask_history is off: the user's own history items are ranked too (the "
-                             "profile is their mean, so they score high); the paper excludes them: mask_history: True")
+            logger.info("[VLM4Rec] mask_history is off: the user's own history items are ranked too (the "
+                        "profile is their mean, so they score high); the paper excludes them: mask_history: True")
         self.temperature = float(config["fusion_temperature"])
-        started = time.perf_counter()
-        reps = build_item_representations(config, dataset)
-        self.build_info = {**reps["info"], "build_s": time.perf_counter() - started}
+        vectors = getattr(dataset, "item_vectors", None)
+        wanted = modalities(self.fusion_kind)
+        if vectors is None or any(k not in vectors for k in wanted):
+            raise UserError(f"VLM4Rec reads its {' and '.join(wanted)} item vectors from the dataset, but "
+                            f"{type(dataset).__name__} has {sorted(vectors or {}) or 'none'}: build the dataset "
+                            f"with recbole_mm.utils.create_dataset (a MultimodalSequentialDataset) from the "
+                            f"same config")
+        self.build_info = dict(dataset.item_vector_info)
         zeros = torch.zeros(self.n_items, 0)
-        text = torch.as_tensor(reps["text"]) if reps["text"] is not None else zeros
-        image = torch.as_tensor(reps["image"]) if reps["image"] is not None else zeros
+        text = torch.as_tensor(vectors["text"]) if "text" in wanted else zeros
+        image = torch.as_tensor(vectors["image"]) if "image" in wanted else zeros
         self.register_buffer("text_emb", text, persistent=False)
         self.register_buffer("image_emb", image, persistent=False)
         has = (text.abs().sum(1) > 0) | (image.abs().sum(1) > 0)
