@@ -54,9 +54,10 @@ class Recommender:
             feat = self.dataset.inter_feat
             if self.config["ITEM_LIST_LENGTH_FIELD"] in feat.columns:
                 # a built sequential dataset holds augmented prefix rows: read the interactions again
-                from recbole_mm.utils import create_dataset
+                # (RecBole's class: the same filtering, without rebuilding a multimodal dataset's item vectors)
+                from recbole.data.dataset import SequentialDataset
 
-                feat = create_dataset(self.config).inter_feat
+                feat = SequentialDataset(self.config).inter_feat
             users = np.asarray(feat[self.uid_field])  # a tensor (built dataset) or a pandas column
             items = np.asarray(feat[self.iid_field])
             time_field = self.config["TIME_FIELD"]
@@ -89,7 +90,9 @@ class Recommender:
             try:
                 from recbole_mm.data.item_store import ItemStore
 
-                store = ItemStore.from_recbole(self.config, self.dataset)
+                store = getattr(self.dataset, "item_store", None)  # a multimodal dataset has one
+                if store is None:
+                    store = ItemStore.from_recbole(self.config, self.dataset)
                 for i in store.item_ids():
                     title = store.attributes(i).get("title")
                     self._titles[i] = None if title is None else str(title)

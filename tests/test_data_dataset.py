@@ -232,3 +232,27 @@ def test_describer_defaults_come_from_the_yaml(data, tmp_path, capsys):
     assert stats["generated"] == 2
     meta = DescriptionCache(tmp_path, "mmfix").meta()
     assert meta["settings"] == DescriberSettings.defaults(model="small").identity()
+
+
+def test_recommender_reads_the_interactions_again_without_building_vectors(data, monkeypatch):
+    from recbole_mm.lmm import item_vectors
+    from recbole_mm.model.vlm4rec import VLM4Rec
+    from recbole_mm.recommend import Recommender
+    from recbole_mm.utils import create_dataset, data_preparation
+
+    config = _config(data, text_source="title")
+    dataset = create_dataset(config)
+    train, _, _ = data_preparation(config, dataset)
+    rec = Recommender(config, VLM4Rec(config, train._dataset), dataset)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(item_vectors, "build_item_vectors", refuse)
+    monkeypatch.setattr(ItemStore, "__init__", refuse)
+    inter = (data / "data" / "mmfix" / "mmfix.inter").read_text(encoding="utf-8").splitlines()[1:]
+    first = inter[0].split("\t")
+    user, items = first[0], [row.split("\t") for row in inter if row.split("\t")[0] == first[0]]
+    expected = [rec.item_id(i) for i, _ in sorted(((r[1], float(r[2])) for r in items), key=lambda x: x[1])]
+    assert rec.sequences()[rec.user_id(user)] == expected
+    assert rec.title(expected[0]) == dataset.item_store.attributes(expected[0])["title"]

@@ -10,7 +10,8 @@ from recbole.trainer import Trainer
 class VLM4RecTrainer(Trainer):
     """RecBole's trainer for :class:`~recbole_mm.model.vlm4rec.VLM4Rec`.
 
-    The item vectors are built (or loaded from their caches) when the model is constructed. A
+    The item vectors come with the model's dataset (built, or read from their caches, when the
+    dataset is created: :class:`~recbole_mm.data.dataset.MultimodalSequentialDataset`). A
     variant without parameters (text, image, concat, average) is not trained: ``fit`` evaluates it
     once on the validation data, and no checkpoint is written. The learned fusions (attention,
     gating) train as any RecBole model (``epochs``, ``learning_rate``, early stopping on
