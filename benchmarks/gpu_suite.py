@@ -433,7 +433,8 @@ def measure(spec: ModelSpec, folder: str, precision: str, store, requests, args,
     from recbole_mm.lmm.backbone import BackboneSettings, load_backbone
     from recbole_mm.lmm.prompts import PromptSettings
     from recbole_mm.lmm.candidate_ranker import LMMRanker
-    from recbole_mm.lmm.verbalizer import end_of_turn_token, index_letters, score_candidates
+    from recbole_mm.lmm.prompts import index_letters
+    from recbole_mm.lmm.verbalizer import end_of_turn_token, score_candidates
 
     meter = Meter(device)
     skipped = row.setdefault("skipped", [])

@@ -42,7 +42,8 @@ def main() -> int:
     from recbole.utils import init_seed
 
     from recbole_mm.config import Config
-    from recbole_mm.lmm.verbalizer import end_of_turn_token, index_letters, score_candidates
+    from recbole_mm.lmm.prompts import index_letters
+    from recbole_mm.lmm.verbalizer import end_of_turn_token, score_candidates
     from recbole_mm.utils import create_dataset, data_preparation, get_model, get_trainer
 
     extra = {"data_path": args.data_path, "state": "WARNING", "artifacts_dir": "saved/prime-bench"}

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from recbole_mm.errors import ConfigError
 
+logger = getLogger(__name__)
+
 CONTENT_MODELS = ("PRIME", "VLM4Rec")
 
 
@@ -100,7 +102,7 @@ def check_side_file(config) -> None:
         raise PreflightError(f"{side} names {named} images but none exists under {folder}; download them with "
                              f"`recbole-mm-data download-images --dataset {folder}`")
     if named and found < named:
-        getLogger().warning(f"[preflight] {named - found} of {named} images named in {side} are missing: "
+        logger.warning(f"[preflight] {named - found} of {named} images named in {side} are missing: "
                             f"those items have no image")
 
 

@@ -20,7 +20,7 @@ def killed_while_writing(target, staged=False):
     """Run a writer in a child process and SIGKILL it in the middle: it leaves its temporary behind."""
     code = textwrap.dedent(f"""
         import os, signal
-        from recbole_mm.data.atomic_files import atomic_output, staged_folder
+        from recbole_mm.files import atomic_output, staged_folder
         if {staged!r}:
             with staged_folder({str(target)!r}) as tmp:
                 (tmp / "half.inter").write_text("user_id:token")

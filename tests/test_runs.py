@@ -261,7 +261,7 @@ def _run_on_ml100k(model):
 
 
 def test_checkpoint_names_are_unique_per_run_within_one_second(tiny_dataset, monkeypatch):
-    from recbole_mm.trainer import features
+    from recbole_mm.trainer import mixin as features
     from recbole_mm.utils import get_model, get_trainer
 
     monkeypatch.setattr(features, "get_local_time", lambda: "Dec-03-2026_07-00-00")  # the same second

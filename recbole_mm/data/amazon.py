@@ -20,7 +20,7 @@ Exact duplicate interactions (same user, item, rating and time) are dropped befo
 counted in ``meta.json`` (``duplicates_dropped``). A rating or price that is not a finite number
 (``nan``, ``inf``) or a time that is not whole seconds within +-2**53 stops the conversion with
 an error naming the file, line, field and value; a missing rating is allowed (empty cell). The
-dataset folder is written as a whole (:func:`recbole_mm.data.atomic_files.staged_folder`) or not at all.
+dataset folder is written as a whole (:func:`recbole_mm.files.staged_folder`) or not at all.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ The datasets are already filtered (k-core) here; the yaml files do not filter ag
 loads exactly the counts printed by :mod:`recbole_mm.data.stats`.
 
 A dataset is built in a temporary folder and published only when every file is written
-(:func:`recbole_mm.data.atomic_files.staged_folder`): a failure leaves no new file and an existing
+(:func:`recbole_mm.files.staged_folder`): a failure leaves no new file and an existing
 dataset folder untouched.
 """
 

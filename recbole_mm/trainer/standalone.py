@@ -14,6 +14,8 @@ from recbole_mm.model.registry import get_model
 from recbole_mm.trainer.registry import get_trainer
 from recbole_mm.trainer.tracking import peak_memory_mb
 
+logger = getLogger(__name__)
+
 
 def check_against_data(config, dataset) -> None:
     """Settings that only the data can refute, checked before anything trains: every cutoff in
@@ -38,7 +40,6 @@ def train_and_test(config, saved: bool, resume: str | None = None, verbose: bool
     run, used by :func:`recbole_mm.quick_start.run_recbole_mm` and by stages that train a RecBole
     model of their own (PRIME's retriever).
     """
-    logger = getLogger()
     started = time.perf_counter()
     if resume and not os.path.isfile(resume):
         raise CheckpointError(f"--resume={resume}: no such checkpoint file; check the path")
