@@ -64,9 +64,6 @@ def run_artefacts(result: dict, trainer, model) -> dict[str, str]:
         base = getattr(peft_config, "base_model_name_or_path", None)
         if base and os.path.isdir(base):
             roles["ranker_backbone"] = base
-        adapter = os.path.join(os.path.dirname(roles.get("ranker_adapter", "")), "adapter")
-        if roles.get("ranker_adapter") and os.path.isdir(adapter):
-            roles["ranker_adapter_peft"] = adapter
     for kind in ("text", "image"):  # VLM4Rec's item vectors
         cache = ((getattr(model, "build_info", None) or {}).get(kind) or {}).get("cache")
         if cache and os.path.isfile(cache):
@@ -176,12 +173,14 @@ def load_manifest(model_file: str, manifest: dict):
     if retriever:  # PRIME: the retriever's final weights, then the ranker with its adapter
         load_model_state(model.retriever, safe_load(retriever, map_location="cpu"), retriever)
     if "ranker_adapter" in arts:
-        from recbole_mm.trainer.ranker import RankerTrainer
+        from recbole_mm.trainer.ranker_training import load_adapter
 
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
         ranker = trainer.build_ranker(train_data._dataset)
-        RankerTrainer(ranker, config, os.path.dirname(arts["ranker_adapter"])).load_adapter(
-            safe_load(arts["ranker_adapter"], map_location="cpu"))
+        adapter = arts["ranker_adapter"]
+        if os.path.isfile(adapter):  # manifests before issue 13: adapter.pth, with peft's folder beside it
+            adapter = arts.get("ranker_adapter_peft") or os.path.join(os.path.dirname(adapter), "adapter")
+        load_adapter(ranker.model, adapter)  # peft's folder (adapter_config.json + safetensors)
         ranker.model.eval()
         model.ranker = ranker
     built = getattr(model, "build_info", None) or {}
