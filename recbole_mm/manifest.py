@@ -42,11 +42,28 @@ def folder_listing(path: str) -> dict:
     return dict(sorted(out.items()))
 
 
+# folders up to this size (a LoRA adapter, the small local backbone) also get a content digest
+FOLDER_DIGEST_MAX_BYTES = 64 * 2 ** 20
+
+
+def folder_sha256(path: str) -> str:
+    """SHA-256 over the names and contents of the files of ``folder_listing(path)``."""
+    digest = hashlib.sha256()
+    for name in folder_listing(path):
+        digest.update(name.encode("utf-8") + b"\0" + file_sha256(os.path.join(path, name)).encode("ascii"))
+    return digest.hexdigest()
+
+
 def artefact_entry(path: str) -> dict:
-    """What a manifest stores about one artefact: absolute path, kind and digest."""
+    """What a manifest stores about one artefact: absolute path, kind and digest (a folder: its file
+    list and sizes, and the SHA-256 of its contents when it is small, as a LoRA adapter)."""
     path = os.path.abspath(path)
     if os.path.isdir(path):
-        return {"path": path, "kind": "folder", "files": folder_listing(path)}
+        files = folder_listing(path)
+        entry = {"path": path, "kind": "folder", "files": files}
+        if sum(files.values()) <= FOLDER_DIGEST_MAX_BYTES:
+            entry["sha256"] = folder_sha256(path)
+        return entry
     return {"path": path, "kind": "file", "size": os.path.getsize(path), "sha256": file_sha256(path)}
 
 
@@ -125,6 +142,10 @@ def check_manifest(manifest: dict, path: str) -> None:
             if folder_listing(where) != entry["files"]:
                 raise CheckpointError(f"model file {path}: its {role} folder {where} has changed since the run "
                                       f"(other files or sizes); restore it or re-run the training")
+            if "sha256" in entry and folder_sha256(where) != entry["sha256"]:  # manifests before issue 13: none
+                raise CheckpointError(f"model file {path}: its {role} folder {where} has changed since the run "
+                                      f"(SHA-256 of its files differs), so it is not the model that was evaluated; "
+                                      f"restore it or re-run the training")
             continue
         if not os.path.isfile(where):
             raise CheckpointError(f"model file {path}: its {role} file {where} is missing; restore it or re-run "

@@ -127,6 +127,13 @@ def test_trained_model_reloads_in_a_new_process_with_the_same_metrics_and_recomm
         from recbole_mm.quick_start import load_data_and_model
 
         _adapter_loads_with_peft(stored["artifacts"], load_data_and_model(result["manifest_file"])[1])
+        weights = os.path.join(stored["artifacts"]["ranker_adapter"]["path"], "adapter_model.safetensors")
+        data = bytearray(open(weights, "rb").read())
+        data[-1] ^= 1  # one bit of a LoRA weight: same size, other content
+        with open(weights, "wb") as f:
+            f.write(bytes(data))
+        with pytest.raises(CheckpointError, match=r"its ranker_adapter folder .* \(SHA-256 of its files differs\)"):
+            load_data_and_model(result["manifest_file"])
         shutil.rmtree(stored["artifacts"]["ranker_adapter"]["path"])
         with pytest.raises(CheckpointError, match=r"its ranker_adapter folder .*adapter is missing"):
             load_data_and_model(result["saved_model_file"])
