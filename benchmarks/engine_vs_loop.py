@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=<tree> python benchmarks/engine_vs_loop.py --out results.json \
         [--dataset ml-100k] [--config_files prime-cpu] [--artifacts saved/engine-bench] [--stages 2,3]
-    python benchmarks/engine_vs_loop.py --report old.json new.json   # benchmarks/results/engine_vs_loop.md
+    python benchmarks/engine_vs_loop.py --report loop*.json engine*.json   # benchmarks/results/engine_vs_loop.md
 
 Runs against whichever recbole_mm is first on ``PYTHONPATH`` (today's hand-written loops in
 ``trainer/ranker.py`` or the engine in ``trainer/ranker_training.py``), so the same script measures
@@ -50,6 +50,25 @@ def measure(args) -> dict:
     except ImportError:
         from recbole_mm.trainer.ranker import RankerTrainer
         code = "loop"
+    if args.loop_schedule:
+        if code != "engine":
+            raise SystemExit("--loop_schedule is for the engine")
+        import math
+
+        from recbole_mm.trainer import engine
+
+        def loop_schedule(optimizer, name, warmup, total):
+            """The loops' factors (warmup from lr/warmup, not 0), to isolate the schedule's share."""
+            def factor(step):
+                if step < warmup:
+                    return (step + 1) / warmup
+                if name == "cosine":
+                    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+                return max(0.0, (total - step) / max(1, total - warmup))
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+        engine.make_schedule = loop_schedule
+        code = "engine+loop_schedule"
     from recbole_mm.trainer.preference import PreferenceTrainer
 
     config = Config(model="PRIME", dataset=args.dataset, config_file_list=[args.config_files],
@@ -84,7 +103,7 @@ def measure(args) -> dict:
         per_step = config["ranker_batch_size"] * config["ranker_grad_accum"]
         losses, i = [], 0
         while i < len(micro):  # group micro-batches into optimizer steps by example count
-            n, total, taken = 0, 0.0, []
+            n, taken = 0, []
             while i < len(micro) and n < per_step:
                 taken.append(micro[i])
                 n += micro[i][0]
@@ -120,55 +139,84 @@ def measure(args) -> dict:
     return out
 
 
-def report(old_file: str, new_file: str, target: str) -> None:
-    with open(old_file, encoding="utf-8") as f:
-        old = json.load(f)
-    with open(new_file, encoding="utf-8") as f:
-        new = json.load(f)
+def _median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def report(files: list[str], target: str) -> None:
+    """The table of ``files`` (JSONs of this script): per code, the median wall times over its runs,
+    and the per-step losses and validation curves of each code's first run side by side."""
+    runs: dict[str, list[dict]] = {}
+    for name in files:
+        with open(name, encoding="utf-8") as f:
+            result = json.load(f)
+        runs.setdefault(result["code"], []).append(result)
+    codes = list(runs)
+    first = {c: runs[c][0] for c in codes}
+    base = first[codes[0]]
     lines = ["# Training engine vs the hand-written loops (PRIME stages 2 and 3)", "",
-             f"Made by `benchmarks/engine_vs_loop.py` on `{old['dataset']}` with `--config_files={old['config_files']}` "
-             f"(small local ranker), seed {old['seed']}, `OMP_NUM_THREADS=1`, {old['threads']} torch thread(s); "
-             "stage 1 trained once and reused by both runs. `loop`: the code before issue 13 "
-             f"(`{old['package']}`); `engine`: transformers' Trainer (`{new['package']}`). The two ran one "
-             "after the other on the same machine.", ""]
-    lines += ["| | loop | engine | engine / loop |", "|---|---|---|---|"]
-    for stage, wall_key in (("stage2", "wall_s"), ("stage3", "wall_s")):
-        if stage in old and stage in new:
-            a, b = old[stage][wall_key], new[stage][wall_key]
-            lines.append(f"| {stage} wall (s) | {a:.1f} | {b:.1f} | {b / a:.3f} |")
-    s2o, s2n = old["stage2"], new["stage2"]
-    lines.append(f"| stage2 optimizer steps | {s2o['optimizer_steps']} | {s2n['optimizer_steps']} | |")
-    lines.append(f"| stage2 best valid NDCG@10 | {s2o['best_valid_ndcg@10']:.4f} | {s2n['best_valid_ndcg@10']:.4f} | |")
-    if "stage3" in old and "stage3" in new:
-        lines.append(f"| stage3 steps | {old['stage3']['steps']} | {new['stage3']['steps']} | |")
-        lines.append(f"| stage3 best valid NDCG@10 | {old['stage3']['best_valid_score']:.4f} | "
-                     f"{new['stage3']['best_valid_score']:.4f} | |")
-    lines += ["", f"Load average (1/5/15 min) before / after: loop {old['loadavg_before']} / {old['loadavg_after']}, "
-              f"engine {new['loadavg_before']} / {new['loadavg_after']}.", ""]
-    lines += ["## Stage 2: loss per optimizer step (mean over its micro-batches)", "",
-              "| step | loop loss | engine loss | loop lr | engine lr |", "|---|---|---|---|---|"]
-    lo, ln = s2o["step_loss"], s2n["step_loss"]
-    for i in range(max(len(lo), len(ln))):
-        cell = lambda xs, j, f="{:.4f}": f.format(xs[j]) if j < len(xs) else "—"  # noqa: E731
-        lines.append(f"| {i + 1} | {cell(lo, i)} | {cell(ln, i)} | {cell(s2o['lr'], i, '{:.2e}')} | "
-                     f"{cell(s2n['lr'], i, '{:.2e}')} |")
-    lines += ["", "## Stage 2: validation NDCG@10", "", "| step | loop | engine |", "|---|---|---|"]
-    vo = {h["step"]: h["valid_ndcg@10"] for h in s2o["history"]}
-    vn = {h["step"]: h["valid_ndcg@10"] for h in s2n["history"]}
-    for step in sorted(set(vo) | set(vn)):
-        lines.append(f"| {step} | {vo.get(step, float('nan')):.4f} | {vn.get(step, float('nan')):.4f} |")
-    if "stage3" in old and "stage3" in new:
-        lines += ["", "## Stage 3: loss per step and validation (two-stage NDCG@10)", "",
-                  "| step | loop loss | engine loss |", "|---|---|---|"]
-        a, b = old["stage3"]["step_loss"], new["stage3"]["step_loss"]
-        for i in range(max(len(a), len(b))):
-            lines.append(f"| {i + 1} | {a[i]:.5f} | {b[i]:.5f} |" if i < len(a) and i < len(b) else
-                         f"| {i + 1} | {a[i] if i < len(a) else '—'} | {b[i] if i < len(b) else '—'} |")
-        lines += ["", "| step | loop | engine |", "|---|---|---|"]
-        vo = {h["step"]: h["score"] for h in old["stage3"]["history"]}
-        vn = {h["step"]: h["score"] for h in new["stage3"]["history"]}
-        for step in sorted(set(vo) | set(vn)):
-            lines.append(f"| {step} | {vo.get(step, float('nan')):.4f} | {vn.get(step, float('nan')):.4f} |")
+             f"Made by `benchmarks/engine_vs_loop.py` on `{base['dataset']}` with `--config_files={base['config_files']}` "
+             f"(small local ranker), seed {base['seed']}, `OMP_NUM_THREADS=1`, {base['threads']} torch thread(s); "
+             "stage 1 trained once and reused by every run, stages 2 and 3 trained by the public classes "
+             "(`RankerTrainer.fit`, `PreferenceTrainer.fit`) as `PRIMETrainer` calls them. `loop`: the code before "
+             "issue 13 (a read-only worktree of main); `engine`: transformers' Trainer; `engine+loop_schedule`: the "
+             "engine with the loops' learning-rate factors patched in (`--loop_schedule`), to separate the "
+             "schedule's share of any difference from the rest of the machinery. Runs one after another on the "
+             "same shared 2-core machine; wall times are medians over the runs listed.", ""]
+    lines += ["| | " + " | ".join(codes) + " |", "|---" * (len(codes) + 1) + "|"]
+    lines.append("| runs | " + " | ".join(str(len(runs[c])) for c in codes) + " |")
+    for stage in ("stage2", "stage3"):
+        if all(stage in first[c] for c in codes):
+            walls = {c: _median([r[stage]["wall_s"] for r in runs[c]]) for c in codes}
+            lines.append(f"| {stage} wall, median (s) | " + " | ".join(
+                f"{walls[c]:.1f}" + (f" ({walls[c] / walls[codes[0]]:.3f}x)" if c != codes[0] else "")
+                for c in codes) + " |")
+            lines.append(f"| {stage} wall, each run (s) | " + " | ".join(
+                ", ".join(f"{r[stage]['wall_s']:.1f}" for r in runs[c]) for c in codes) + " |")
+    lines.append("| stage2 optimizer steps (of total) | " + " | ".join(
+        f"{first[c]['stage2']['optimizer_steps']}" for c in codes) + " |")
+    lines.append("| stage2 best valid NDCG@10 | " + " | ".join(
+        f"{first[c]['stage2']['best_valid_ndcg@10']:.4f}" for c in codes) + " |")
+    if all("stage3" in first[c] for c in codes):
+        lines.append("| stage3 steps (of total) | " + " | ".join(
+            f"{first[c]['stage3']['steps']}/{first[c]['stage3']['total_steps']}" for c in codes) + " |")
+        lines.append("| stage3 best valid NDCG@10 | " + " | ".join(
+            f"{first[c]['stage3']['best_valid_score']:.4f}" for c in codes) + " |")
+    lines += ["", "Load average (1/5/15 min) before -> after each run: " + "; ".join(
+        f"{c}: " + ", ".join(f"{' '.join(r['loadavg_before'])} -> {' '.join(r['loadavg_after'])}" for r in runs[c])
+        for c in codes) + ".", ""]
+
+    def cell(xs, j, fmt="{:.4f}"):
+        return fmt.format(xs[j]) if j < len(xs) else "—"
+
+    lines += ["## Stage 2: loss per optimizer step (mean over its micro-batches) and learning rate", "",
+              "| step | " + " | ".join(f"{c} loss" for c in codes) + " | " + " | ".join(f"{c} lr" for c in codes) + " |",
+              "|---" * (2 * len(codes) + 1) + "|"]
+    n = max(len(first[c]["stage2"]["step_loss"]) for c in codes)
+    for i in range(n):
+        lines.append(f"| {i + 1} | " + " | ".join(cell(first[c]["stage2"]["step_loss"], i) for c in codes) + " | "
+                     + " | ".join(cell(first[c]["stage2"]["lr"], i, "{:.2e}") for c in codes) + " |")
+    lines += ["", "## Stage 2: validation NDCG@10 (step 0 = before training)", "",
+              "| step | " + " | ".join(codes) + " |", "|---" * (len(codes) + 1) + "|"]
+    curves = {c: {h["step"]: h["valid_ndcg@10"] for h in first[c]["stage2"]["history"]} for c in codes}
+    for step in sorted(set().union(*curves.values())):
+        lines.append(f"| {step} | " + " | ".join(
+            f"{curves[c][step]:.4f}" if step in curves[c] else "—" for c in codes) + " |")
+    if all("stage3" in first[c] for c in codes):
+        lines += ["", "## Stage 3: loss per step", "", "| step | " + " | ".join(codes) + " |",
+                  "|---" * (len(codes) + 1) + "|"]
+        n = max(len(first[c]["stage3"]["step_loss"]) for c in codes)
+        for i in range(n):
+            lines.append(f"| {i + 1} | " + " | ".join(cell(first[c]["stage3"]["step_loss"], i, "{:.5f}")
+                                                     for c in codes) + " |")
+        lines += ["", "## Stage 3: validation, two-stage NDCG@10 (step 0 = before)", "",
+                  "| step | " + " | ".join(codes) + " |", "|---" * (len(codes) + 1) + "|"]
+        curves = {c: {h["step"]: h["score"] for h in first[c]["stage3"]["history"]} for c in codes}
+        for step in sorted(set().union(*curves.values())):
+            lines.append(f"| {step} | " + " | ".join(
+                f"{curves[c][step]:.4f}" if step in curves[c] else "—" for c in codes) + " |")
     with open(target, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print(f"[engine-bench] wrote {target}")
@@ -182,11 +230,13 @@ def main() -> int:
     parser.add_argument("--artifacts", default=os.path.join(ROOT, "saved", "engine-bench"))
     parser.add_argument("--stages", default="2,3")
     parser.add_argument("--seed", type=int, default=2020)
-    parser.add_argument("--report", nargs=2, metavar=("LOOP_JSON", "ENGINE_JSON"))
+    parser.add_argument("--loop_schedule", action="store_true",
+                        help="engine only: replace transformers' schedule by the loops' (warmup from lr/warmup)")
+    parser.add_argument("--report", nargs="+", metavar="JSON", help="JSONs of earlier runs (loop first)")
     parser.add_argument("--target", default=os.path.join(ROOT, "benchmarks", "results", "engine_vs_loop.md"))
     args = parser.parse_args()
     if args.report:
-        report(*args.report, args.target)
+        report(args.report, args.target)
         return 0
     args.stages = {int(s) for s in args.stages.split(",")}
     os.makedirs(args.artifacts, exist_ok=True)

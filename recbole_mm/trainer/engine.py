@@ -32,7 +32,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from logging import getLogger
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -367,7 +367,9 @@ class Engine:
             callbacks=[report(self), validation(self)])  # report first: a validation records the step's loss
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-        set_seed(s.seed)  # the Trainer seeded at construction; again here, after the stage's own set-up
+        # the Trainer seeded at construction; again after it, so that training starts from exactly the
+        # state init_seed(seed) leaves (what the loops before the engine started from)
+        set_seed(s.seed)
         self.trainer = trainer
         return trainer
 
