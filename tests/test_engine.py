@@ -208,3 +208,43 @@ def test_interrupted_run_resumes_to_the_same_weights_and_checkpoints_load_weight
                 torch.load(folder / kept[-1] / name, weights_only=True)
     for name in ("optimizer.pt", "scheduler.pt", "stage_state.pth"):
         torch.load(folder / kept[-1] / name, weights_only=True)  # no allowlist needed at all
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _peft(r, seed):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = _Net()
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], init_lora_weights=False))
+    return model
+
+
+def test_adapter_round_trip_in_peft_format_and_one_line_errors(tmp_path):
+    from recbole_mm.errors import CheckpointError
+    from recbole_mm.trainer.ranker_training import load_adapter, save_adapter
+
+    trained, fresh = _peft(2, seed=1), _peft(2, seed=2)
+    lora = {n: p.detach().clone() for n, p in trained.named_parameters() if "lora_" in n}
+    assert any(not torch.equal(lora[n], p) for n, p in fresh.named_parameters() if n in lora)
+    folder = save_adapter(trained, str(tmp_path / "adapter"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(folder))
+    assert not os.path.exists(folder + ".part")
+    load_adapter(fresh, folder)
+    for name, param in fresh.named_parameters():
+        if name in lora:
+            torch.testing.assert_close(param.detach(), lora[name], rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=r"adapter .* does not fit this ranker .*size mismatch") as err:
+        load_adapter(_peft(4, seed=3), folder)  # another LoRA rank
+    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match=r"has no adapter_config.json .* delete its stage folder"):
+        load_adapter(fresh, str(tmp_path / "nowhere"))
