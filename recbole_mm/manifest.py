@@ -42,11 +42,28 @@ def folder_listing(path: str) -> dict:
     return dict(sorted(out.items()))
 
 
+# folders up to this size (a LoRA adapter, the small local backbone) also get a content digest
+FOLDER_DIGEST_MAX_BYTES = 64 * 2 ** 20
+
+
+def folder_sha256(path: str) -> str:
+    """SHA-256 over the names and contents of the files of ``folder_listing(path)``."""
+    digest = hashlib.sha256()
+    for name in folder_listing(path):
+        digest.update(name.encode("utf-8") + b"\0" + file_sha256(os.path.join(path, name)).encode("ascii"))
+    return digest.hexdigest()
+
+
 def artefact_entry(path: str) -> dict:
-    """What a manifest stores about one artefact: absolute path, kind and digest."""
+    """What a manifest stores about one artefact: absolute path, kind and digest (a folder: its file
+    list and sizes, and the SHA-256 of its contents when it is small, as a LoRA adapter)."""
     path = os.path.abspath(path)
     if os.path.isdir(path):
-        return {"path": path, "kind": "folder", "files": folder_listing(path)}
+        files = folder_listing(path)
+        entry = {"path": path, "kind": "folder", "files": files}
+        if sum(files.values()) <= FOLDER_DIGEST_MAX_BYTES:
+            entry["sha256"] = folder_sha256(path)
+        return entry
     return {"path": path, "kind": "file", "size": os.path.getsize(path), "sha256": file_sha256(path)}
 
 
@@ -64,9 +81,6 @@ def run_artefacts(result: dict, trainer, model) -> dict[str, str]:
         base = getattr(peft_config, "base_model_name_or_path", None)
         if base and os.path.isdir(base):
             roles["ranker_backbone"] = base
-        adapter = os.path.join(os.path.dirname(roles.get("ranker_adapter", "")), "adapter")
-        if roles.get("ranker_adapter") and os.path.isdir(adapter):
-            roles["ranker_adapter_peft"] = adapter
     for kind in ("text", "image"):  # VLM4Rec's item vectors
         cache = ((getattr(model, "build_info", None) or {}).get(kind) or {}).get("cache")
         if cache and os.path.isfile(cache):
@@ -128,6 +142,10 @@ def check_manifest(manifest: dict, path: str) -> None:
             if folder_listing(where) != entry["files"]:
                 raise CheckpointError(f"model file {path}: its {role} folder {where} has changed since the run "
                                       f"(other files or sizes); restore it or re-run the training")
+            if "sha256" in entry and folder_sha256(where) != entry["sha256"]:  # manifests before issue 13: none
+                raise CheckpointError(f"model file {path}: its {role} folder {where} has changed since the run "
+                                      f"(SHA-256 of its files differs), so it is not the model that was evaluated; "
+                                      f"restore it or re-run the training")
             continue
         if not os.path.isfile(where):
             raise CheckpointError(f"model file {path}: its {role} file {where} is missing; restore it or re-run "
@@ -176,12 +194,14 @@ def load_manifest(model_file: str, manifest: dict):
     if retriever:  # PRIME: the retriever's final weights, then the ranker with its adapter
         load_model_state(model.retriever, safe_load(retriever, map_location="cpu"), retriever)
     if "ranker_adapter" in arts:
-        from recbole_mm.trainer.ranker import RankerTrainer
+        from recbole_mm.trainer.ranker_training import load_adapter
 
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
         ranker = trainer.build_ranker(train_data._dataset)
-        RankerTrainer(ranker, config, os.path.dirname(arts["ranker_adapter"])).load_adapter(
-            safe_load(arts["ranker_adapter"], map_location="cpu"))
+        adapter = arts["ranker_adapter"]
+        if os.path.isfile(adapter):  # manifests before issue 13: adapter.pth, with peft's folder beside it
+            adapter = arts.get("ranker_adapter_peft") or os.path.join(os.path.dirname(adapter), "adapter")
+        load_adapter(ranker.model, adapter)  # peft's folder (adapter_config.json + safetensors)
         ranker.model.eval()
         model.ranker = ranker
     built = getattr(model, "build_info", None) or {}

@@ -195,8 +195,11 @@ def test_stage3_updates_weights_and_resumes_after_interruption(tiny_dataset, tmp
     with pytest.raises(KeyboardInterrupt):
         run_recbole_mm("PRIME", name, config_dict=cfg)
     assert len(steps) == 2
-    progress = [p for p in (tmp_path / "artifacts").glob("preference-*/progress.pth")]
-    assert len(progress) == 1 and torch.load(progress[0], weights_only=True)["step"] == 1
+    # the engine's checkpoint of step 1 (the last validated one), loadable weights-only
+    (saved,) = [p for p in (tmp_path / "artifacts").glob("preference-*/checkpoints/checkpoint-*")]
+    assert saved.name == "checkpoint-1"
+    state = torch.load(saved / "stage_state.pth", weights_only=True)
+    assert [h["step"] for h in state["history"]] == [0, 1] and state["stage"]["ranker_prompts"] >= 0
     steps.clear()
     validations[:] = [1, 1, 1]  # no further crash; scores go on improving (4, 5)
     result = run_recbole_mm("PRIME", name, config_dict=cfg)

@@ -62,8 +62,11 @@ def test_prime_end_to_end_and_resume(tiny_dataset, tmp_path):
     assert "preference" not in stages  # the "w/o preference optimization" ablation
     assert stages["ranker"]["train_prompts"] == 12 and 0 < stages["ranker"]["trainable_share"] < 1
     assert first["saved_model_file"] == first["manifest_file"] and os.path.isfile(first["manifest_file"])
-    for path in first["artifacts"].values():
-        assert os.path.isfile(path) and torch.load(path, weights_only=True)
+    for role, path in first["artifacts"].items():
+        if role == "ranker_adapter":  # peft's folder; safetensors, no pickle
+            assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        else:
+            assert os.path.isfile(path) and torch.load(path, weights_only=True)
     # the ranker only reorders the top-k: recall at the candidate cutoff cannot change
     assert first["test_result"]["recall@6"] == first["retriever_test_result"]["recall@6"]
     # reported cutoffs do not change trained weights: a re-run with another topk reuses both stages
@@ -88,12 +91,16 @@ def test_stage2_adapter_does_not_depend_on_stage1_running_in_the_same_process(ti
     artifacts = cfg["artifacts_dir"]
     first = run_recbole_mm("PRIME", name, config_dict=cfg)  # stage 1 trains here, then stage 2
     assert not first["stages"]["retriever"].get("reused")
-    adapter = torch.load(_stage_file(artifacts, "ranker", "adapter.pth"), weights_only=True)
-    shutil.rmtree(os.path.dirname(_stage_file(artifacts, "ranker", "adapter.pth")))
+    from safetensors.torch import load_file
+
+    weights = os.path.join("adapter", "adapter_model.safetensors")  # peft's format, the only adapter file
+    assert not os.path.exists(_stage_file(artifacts, "ranker", "adapter.pth"))
+    adapter = load_file(_stage_file(artifacts, "ranker", weights))
+    shutil.rmtree(os.path.dirname(_stage_file(artifacts, "ranker", "adapter")))
     second = run_recbole_mm("PRIME", name, config_dict=cfg)  # stage 1 reused, stage 2 trained again
     assert second["stages"]["retriever"].get("reused") and not second["stages"]["ranker"].get("reused")
     assert second["stages"]["ranker"]["key"] == first["stages"]["ranker"]["key"]
-    again = torch.load(_stage_file(artifacts, "ranker", "adapter.pth"), weights_only=True)
+    again = load_file(_stage_file(artifacts, "ranker", weights))
     assert adapter.keys() == again.keys() and adapter
     for key in adapter:
         torch.testing.assert_close(again[key], adapter[key], rtol=0, atol=0)

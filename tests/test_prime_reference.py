@@ -93,7 +93,7 @@ def test_reference_popularity_counts_match_the_inter_file(tiny_dataset, tmp_path
 
 
 def test_make_optimizer_settings():
-    from recbole_mm.trainer.ranker import make_optimizer
+    from recbole_mm.trainer.ranker_training import make_optimizer
 
     p = [torch.nn.Parameter(torch.ones(3))]
     opt = make_optimizer(p, "adamw", 1e-3, 0.01)
@@ -108,17 +108,25 @@ def test_make_optimizer_settings():
 
 
 def test_ranker_clips_gradients_at_ranker_max_grad_norm(monkeypatch, tiny_dataset, tmp_path):
-    """One ranker step under the preset's ranker settings: the clip norm and weight decay reach torch."""
-    from recbole_mm.trainer.ranker import RankerTrainer
+    """One ranker step under the preset's ranker settings: the clip norm reaches the engine's clipping
+    (accelerate's, checked against a hand loop in test_engine.py) and the weight decay torch's AdamW."""
+    from recbole_mm.trainer.ranker_training import RankerTrainer
 
     data_path, name = tiny_dataset
     _, train_data, valid_data, trainer = _prime_loaders(data_path, name, tmp_path, False)
     trainer.config["ranker_max_grad_norm"] = 5.0
     trainer.config["ranker_weight_decay"] = 0.01
     ranker = trainer.build_ranker(train_data._dataset)
+    from accelerate import Accelerator
+
     seen = []
-    real = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm: seen.append(norm) or real(params, norm))
+    real = Accelerator.clip_grad_norm_
+
+    def clip(self, params, max_norm, *args, **kwargs):  # the engine's (transformers') clipping call
+        seen.append(max_norm)
+        return real(self, params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
     rt = RankerTrainer(ranker, trainer.config, str(tmp_path))
     assert rt.optimizer.param_groups[0]["weight_decay"] == 0.01
     train = trainer.training_examples(train_data, valid_data).subset(range(4))

@@ -4,6 +4,7 @@ unknown users and items are one-line errors; PRIME's adapter loads with peft out
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -115,37 +116,45 @@ def test_trained_model_reloads_in_a_new_process_with_the_same_metrics_and_recomm
         assert all(i["title"].startswith("Item ") for i in rec["items"])
     if model == "PRIME":
         roles = set(stored["artifacts"])
-        assert {"retriever", "ranker_adapter", "ranker_backbone", "ranker_adapter_peft"} <= roles
+        assert {"retriever", "ranker_adapter", "ranker_backbone"} <= roles
+        assert stored["artifacts"]["ranker_adapter"]["kind"] == "folder"  # peft's folder is the adapter
         for rec in live["users"]:
             # the ranker's order inside the retriever's top n_candidates, then the retriever's order
             assert all(i["ranker_score"] is not None for i in rec["items"])  # k=5 <= n_candidates=6
             assert {i["retriever_rank"] for i in rec["items"]} <= set(range(1, 7))
             ranker = [i["ranker_score"] for i in rec["items"]]
             assert ranker == sorted(ranker, reverse=True)
-        _adapter_loads_with_peft(stored["artifacts"])
         from recbole_mm.quick_start import load_data_and_model
 
-        os.remove(stored["artifacts"]["ranker_adapter"]["path"])
-        with pytest.raises(CheckpointError, match=r"its ranker_adapter file .*adapter.pth is missing"):
+        _adapter_loads_with_peft(stored["artifacts"], load_data_and_model(result["manifest_file"])[1])
+        weights = os.path.join(stored["artifacts"]["ranker_adapter"]["path"], "adapter_model.safetensors")
+        data = bytearray(open(weights, "rb").read())
+        data[-1] ^= 1  # one bit of a LoRA weight: same size, other content
+        with open(weights, "wb") as f:
+            f.write(bytes(data))
+        with pytest.raises(CheckpointError, match=r"its ranker_adapter folder .* \(SHA-256 of its files differs\)"):
+            load_data_and_model(result["manifest_file"])
+        shutil.rmtree(stored["artifacts"]["ranker_adapter"]["path"])
+        with pytest.raises(CheckpointError, match=r"its ranker_adapter folder .*adapter is missing"):
             load_data_and_model(result["saved_model_file"])
     if case == "VLM4Rec":
         assert "text_embeddings" in stored["artifacts"] and "checkpoint" not in stored["artifacts"]
 
 
-def _adapter_loads_with_peft(artifacts):
+def _adapter_loads_with_peft(artifacts, model):
     """The ranker's LoRA adapter, saved with peft's save_pretrained, loads with plain peft +
-    transformers onto the backbone, and holds exactly the weights of the run's adapter.pth."""
+    transformers onto the backbone, and holds exactly the weights of the reloaded run's ranker."""
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    folder = artifacts["ranker_adapter_peft"]["path"]
+    folder = artifacts["ranker_adapter"]["path"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(folder))
     base = AutoModelForImageTextToText.from_pretrained(artifacts["ranker_backbone"]["path"])
     loaded = dict(PeftModel.from_pretrained(base, folder).named_parameters())
-    trained = torch.load(artifacts["ranker_adapter"]["path"], weights_only=True)
-    assert trained and all("lora_" in name for name in trained)
+    trained = {n: p for n, p in model.ranker.model.named_parameters() if "lora_" in n}
+    assert trained
     for name, value in trained.items():
-        torch.testing.assert_close(loaded[name].detach(), value, rtol=0, atol=0)
+        torch.testing.assert_close(loaded[name].detach(), value.detach().cpu(), rtol=0, atol=0)
 
 
 def test_missing_or_changed_artefact_and_changed_data_are_one_line_errors(tiny_dataset, tmp_path):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import os
 from logging import getLogger
 from typing import Callable
 
@@ -13,9 +11,9 @@ from torch import nn
 from recbole_mm.errors import ConfigError
 from recbole_mm.model.loss import SET_LIKELIHOODS, preference_loss
 from recbole_mm.sampler.candidate_sets import CandidateSetSampler, label_pairs
-from recbole_mm.trainer.checkpoint import atomic_save, safe_load
-from recbole_mm.trainer.ranker import ranker_autocast
-from recbole_mm.trainer.tracking import progress
+from recbole_mm.trainer.ranker_training import ranker_autocast
+
+logger = getLogger(__name__)
 
 PREFERENCE_KEYS = ("pref_set_likelihood", "pref_beta", "pref_learning_rate", "pref_weight_decay", "pref_dropout",
                    "pref_epochs", "pref_batch_size", "pref_train_examples", "pref_warmup_steps", "pref_max_grad_norm",
@@ -50,18 +48,18 @@ class PreferenceTrainer:
     For each batch of training prefixes: the retriever (in eval mode) gives the softmax from which
     :class:`~recbole_mm.sampler.candidate_sets.CandidateSetSampler` draws two sets per prefix; the
     frozen ranker is called, in batches, only for the prefixes where both sets hold the answer;
-    then one optimizer step on the retriever (in train mode, dropout ``pref_dropout``).
+    then one optimizer step on the retriever (in train mode, dropout ``pref_dropout``), warmup then
+    linear decay, on the training engine (:class:`~recbole_mm.trainer.engine.Engine`).
     ``validate()`` (two-stage NDCG@10 on validation users, supplied by the caller) runs before the
     first step and every ``pref_valid_every`` steps; the best retriever is kept, training stops after
-    ``pref_patience`` validations without improvement. After each validation the whole state is
-    written to ``out_dir/progress.pth`` (weights only), from which an interrupted run resumes.
+    ``pref_patience`` validations without improvement. After each validation a checkpoint is written
+    to ``out_dir/checkpoints/`` (weights only, at most two kept), from which an interrupted run resumes.
     """
 
     def __init__(self, model, config, out_dir: str, validate: Callable[[], dict], tracker=None):
         self.model, self.config, self.out_dir, self.validate = model, config, out_dir, validate
         self.tracker = tracker  # a recbole_mm.trainer.tracking.StageTracker (tensorboard / wandb), or None
         self.retriever = model.retriever
-        self.logger = getLogger()
         if config["pref_set_likelihood"] not in SET_LIKELIHOODS:
             raise ConfigError(f"pref_set_likelihood must be one of {SET_LIKELIHOODS}, "
                              f"not {config['pref_set_likelihood']!r}")
@@ -77,18 +75,9 @@ class PreferenceTrainer:
         self.counts = {"both": 0, "first_only": 0, "second_only": 0, "forced": 0}
         self.ranker_prompts = 0
         self.ranker_batches = 0
+        self._fit: dict | None = None  # what loss() needs during fit()
 
     # ------------------------------------------------------------------------------ pieces
-    def _schedule(self, total: int):
-        warmup = min(self.config["pref_warmup_steps"], max(1, total // 10))
-
-        def factor(step):  # linear warmup, then linear decay to 0 (the reference code)
-            if step < warmup:
-                return (step + 1) / warmup
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-
     @torch.no_grad()
     def judge(self, feat, rows: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """The frozen ranker's scores of ``candidates`` for the prefixes ``rows`` of ``feat``."""
@@ -129,106 +118,64 @@ class PreferenceTrainer:
                                       self.config["pref_set_likelihood"])
         return loss, {**parts, **pairs.counts()}
 
-    # ------------------------------------------------------------------------------- loop
-    def _progress_path(self) -> str:
-        return os.path.join(self.out_dir, "progress.pth")
+    # ------------------------------------------------------------- the engine's Stage
+    def loss(self, index: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        """The loss of one step's units ``index`` (prefixes, or users with all their prefixes)."""
+        units, dataset, device = self._fit["units"], self._fit["dataset"], self._fit["device"]
+        if units is not None:  # a step is bs users with all their prefixes
+            index = torch.cat([units[i] for i in index.tolist()])
+        feat = dataset.inter_feat[index].to(device)
+        masked = None
+        if self._fit["history"] is not None:
+            masked = self._fit["history"].earlier_items(feat, self.model.ITEM_SEQ, self.model.USER_ID,
+                                                        feat[self.model.POS_ITEM_ID], self._fit["positions"][index])
+        generator = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + step)
+        loss, parts = self.step_loss(feat, generator, masked)
+        return loss, {"ranker_prompts": self.ranker_prompts, **parts}
 
-    def _save_progress(self, step, scheduler, best, best_state, bad):
-        atomic_save({"step": step, "retriever": self.retriever.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "best": best, "best_state": best_state, "bad": bad,
-                     "history": self.history, "counts": self.counts, "ranker_prompts": self.ranker_prompts,
-                     "ranker_batches": self.ranker_batches}, self._progress_path())
+    def weights(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.retriever.state_dict().items()}
 
+    def load_weights(self, weights: dict) -> None:
+        self.retriever.load_state_dict(weights)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps besides the weights and the validation history: the counters."""
+        return {"counts": dict(self.counts), "ranker_prompts": self.ranker_prompts, "ranker_batches": self.ranker_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts, self.ranker_prompts, self.ranker_batches = (dict(state["counts"]), state["ranker_prompts"],
+                                                                 state["ranker_batches"])
+
+    # ------------------------------------------------------------------------------- fit
     def fit(self, dataset, device, history=None, positions=None) -> dict:
-        """Run stage 3 on the training prefixes of ``dataset``; returns what happened.
+        """Run stage 3 on the training prefixes of ``dataset``; returns what happened. An interrupted
+        run resumes from its newest checkpoint (``out_dir/checkpoints``, written after every validation).
 
         With ``history`` (a :class:`~recbole_mm.data.dataloader.PrefixHistory`, given under
         ``mask_history``) and ``positions`` (the number of earlier items of each row of ``dataset``),
         a prefix's earlier items, except its answer, are kept out of its candidate sets."""
+        from recbole_mm.trainer.engine import Engine, EngineSettings
+
         cfg = self.config
         units = step_units(dataset, cfg["pref_step_unit"])
         n = len(units) if units is not None else len(dataset)
         per_epoch = min(n, cfg["pref_train_examples"] or n)
-        bs = cfg["pref_batch_size"]
-        steps_per_epoch = math.ceil(per_epoch / bs)
-        total = steps_per_epoch * cfg["pref_epochs"]
-        scheduler = self._schedule(total)
         set_dropout(self.retriever, cfg["pref_dropout"])
-        start_step, stop = 0, False
-        if os.path.isfile(self._progress_path()):
-            state = safe_load(self._progress_path(), map_location=device)
-            self.retriever.load_state_dict(state["retriever"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_step, best, best_state, bad = state["step"], state["best"], state["best_state"], state["bad"]
-            self.history, self.counts = state["history"], state["counts"]
-            self.ranker_prompts, self.ranker_batches = state["ranker_prompts"], state["ranker_batches"]
-            self.logger.info(f"[PRIME] stage preference: resuming at step {start_step}/{total}")
-        else:
-            first = self.validate()
-            best, bad = first["score"], 0
-            best_state = {k: v.detach().cpu().clone() for k, v in self.retriever.state_dict().items()}
-            self.history.append({"step": 0, **first})
-            if self.tracker:
-                self.tracker.log(0, **{f"valid_{k}": v for k, v in first.items()})
-            self.logger.info(f"[PRIME] stage preference: {per_epoch} prefixes per epoch, {total} steps; "
-                             f"before: {first}")
-            self._save_progress(0, scheduler, best, best_state, bad)
-        stop = bad >= cfg["pref_patience"]
-        step = start_step
-        bar = progress(total, "preference", cfg, initial=start_step, unit="step")
-        for epoch in range(cfg["pref_epochs"]):
-            if stop:
-                break
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] + epoch))[:per_epoch]
-            for b in range(steps_per_epoch):
-                if epoch * steps_per_epoch + b < start_step:
-                    continue
-                index = order[b * bs:(b + 1) * bs]
-                if units is not None:  # a step is bs users with all their prefixes
-                    index = torch.cat([units[i] for i in index.tolist()])
-                feat = dataset.inter_feat[index].to(device)
-                masked = None
-                if history is not None:
-                    masked = history.earlier_items(feat, self.model.ITEM_SEQ, self.model.USER_ID,
-                                                   feat[self.model.POS_ITEM_ID], positions[index])
-                generator = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
-                loss, parts = self.step_loss(feat, generator, masked)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg["pref_max_grad_norm"]:
-                    nn.utils.clip_grad_norm_(self.retriever.parameters(), cfg["pref_max_grad_norm"])
-                self.optimizer.step()
-                scheduler.step()
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{best:.4f}")
-                if self.tracker:
-                    self.tracker.log(step, loss=loss.item(), ranker_prompts=self.ranker_prompts,
-                                     **{k: v for k, v in parts.items()})
-                if step % cfg["ranker_log_every"] == 0 or step == total:
-                    self.logger.info(f"[PRIME] stage preference: step {step}/{total} loss {loss.item():.4f} "
-                                     f"{parts} ranker prompts {self.ranker_prompts}")
-                if step % cfg["pref_valid_every"] == 0 or step == total:
-                    result = self.validate()
-                    self.history.append({"step": step, "loss": loss.item(), **result})
-                    if self.tracker:
-                        self.tracker.log(step, **{f"valid_{k}": v for k, v in result.items()})
-                    self.logger.info(f"[PRIME] stage preference: step {step}: {result} (best {best:.4f})")
-                    if result["score"] > best:
-                        best, bad = result["score"], 0
-                        best_state = {k: v.detach().cpu().clone() for k, v in self.retriever.state_dict().items()}
-                    else:
-                        bad += 1
-                    stop = bad >= cfg["pref_patience"]
-                    self._save_progress(step, scheduler, best, best_state, bad)
-                    if stop:
-                        self.logger.info(f"[PRIME] stage preference: early stop after {bad} validations "
-                                         "without improvement")
-                        break
-        bar.close()
-        self.retriever.load_state_dict(best_state)
+        self._fit = {"units": units, "dataset": dataset, "device": device, "history": history, "positions": positions}
+        settings = EngineSettings(
+            name="preference", batch_size=cfg["pref_batch_size"], epochs=cfg["pref_epochs"],
+            max_grad_norm=cfg["pref_max_grad_norm"] or 0.0, schedule="linear", warmup_steps=cfg["pref_warmup_steps"],
+            valid_every=cfg["pref_valid_every"], patience=cfg["pref_patience"], log_every=cfg["ranker_log_every"],
+            seed=cfg["seed"], score_key="score", valid_prefix="valid_", tag="[PRIME] stage preference:",
+            checkpoints=True, show_progress=bool(cfg["show_progress"]) if "show_progress" in cfg else True)
+        engine = Engine(self, self.retriever, settings, self.optimizer, self.out_dir, tracker=self.tracker)
+        seed = cfg["seed"]
+        result = engine.fit(per_epoch, lambda epoch: torch.randperm(
+            n, generator=torch.Generator().manual_seed(seed + epoch))[:per_epoch], resume=True)
+        self.history = result.history
+        self._fit = None
         self.retriever.eval()
-        return {"best_valid_score": best, "steps": step, "total_steps": total, "prefixes_per_epoch": per_epoch,
-                "pairs": dict(self.counts), "ranker_prompts": self.ranker_prompts,
+        return {"best_valid_score": result.best, "steps": result.steps, "total_steps": result.total_steps,
+                "prefixes_per_epoch": per_epoch, "pairs": dict(self.counts), "ranker_prompts": self.ranker_prompts,
                 "ranker_batches": self.ranker_batches, "history": self.history}

@@ -14,7 +14,7 @@ from recbole_mm.trainer.stage_store import StageStore
 from recbole_mm.files import dataset_fingerprint, fingerprint
 from recbole_mm.trainer.checkpoint import atomic_save, checkpoint_entries, load_model_state, plain_config, safe_load
 from recbole_mm.trainer.preference import PREFERENCE_KEYS, PreferenceTrainer
-from recbole_mm.trainer.ranker import RankerExamples, RankerTrainer, ranked_ndcg
+from recbole_mm.trainer.ranker_training import RankerExamples, RankerTrainer, ranked_ndcg
 from recbole_mm.trainer.tracking import StageTracker, peak_memory_mb
 
 RANKER_KEYS = ("ranker_model", "ranker_small", "ranker_quantization", "ranker_dtype", "lora_r", "lora_alpha",
@@ -234,10 +234,8 @@ class PRIMETrainer(Trainer):
         done = self.stages.done("ranker", key)
         trainer = RankerTrainer(ranker, self.config, str(folder), tracker=StageTracker.for_trainer(self, "ranker"))
         if done:
-            self.logger.info(f"[PRIME] stage ranker: reusing {folder / 'adapter.pth'}")
-            trainer.load_adapter(safe_load(str(folder / "adapter.pth"), map_location="cpu"))
-            if not (folder / "adapter" / "adapter_config.json").is_file():  # stages written before peft's format
-                trainer.save_pretrained()
+            self.logger.info(f"[PRIME] stage ranker: reusing {folder / 'adapter'}")
+            trainer.load_adapter()  # peft's folder, out_dir/adapter
             info = {"reused": True}
         else:
             train, valid = self.training_examples(train_data, valid_data), self.validation_examples(valid_data)
@@ -250,7 +248,7 @@ class PRIMETrainer(Trainer):
         ranker.model.eval()
         self.model.ranker = ranker
         self.ranker_key = key
-        self.artifacts["ranker_adapter"] = str(folder / "adapter.pth")
+        self.artifacts["ranker_adapter"] = str(folder / "adapter")
         self._stage("ranker", started, key=key, **{k: v for k, v in info.items() if k != "history"})
 
     def preference_validation(self, valid_data) -> dict:
