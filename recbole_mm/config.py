@@ -129,8 +129,9 @@ class Config(RecBoleConfig):
 
     - a config file may be named by a shipped preset (``--config_files=prime-cpu``);
     - model names resolve through :func:`recbole_mm.model.registry.get_model` (plugin first, then RecBole);
-    - our ``overall.yaml``, ``model/<Model>.yaml`` and ``dataset/<name>.yaml`` are layered on top of
-      RecBole's internal defaults (so user files, ``config_dict`` and the command line still win);
+    - our ``overall.yaml``, ``model/<base>.yaml`` (when the model class declares
+      ``properties_base``, e.g. ``"_lmm"`` for LMM recommenders), ``model/<Model>.yaml`` and
+      ``dataset/<name>.yaml`` are layered on top of RecBole's internal defaults (so user files, ``config_dict`` and the command line still win);
     - command-line overrides come from ``argv`` (a list of ``--key=value``), not from ``sys.argv``,
       so that library calls (tests, tuning) are not influenced by the host process's arguments;
     - values are parsed, never evaluated (:func:`parse_value`, :func:`load_yaml_file`), and bad
@@ -217,6 +218,12 @@ class Config(RecBoleConfig):
             self._update_internal_config_dict(os.path.join(quick, "context-aware.yaml"))
             if dataset == "ml-100k":
                 self._update_internal_config_dict(os.path.join(quick, "context-aware_ml-100k.yaml"))
+        base = getattr(model_class, "properties_base", None)
+        if base:  # e.g. "_lmm": the keys every LMM model shares, under the model's own yaml
+            path = _property_file("model", f"{base}.yaml")
+            if path is None:
+                raise ConfigError(f"{model}.properties_base={base!r}: no properties/model/{base}.yaml is shipped")
+            self._update_internal_config_dict(path)
         path = _property_file("model", f"{model}.yaml")
         if path:
             self._update_internal_config_dict(path)

@@ -6,6 +6,8 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
+from recbole_mm.lmm.defaults import LMM_BASE
+
 # Settings a retriever shares with the PRIME run that hosts it (data, protocol, device); its own
 # hyperparameters come from its model yaml and from PRIME's ``retriever_config`` dict.
 SHARED_KEYS = (
@@ -59,6 +61,7 @@ class PRIME(SequentialRecommender):
     """
 
     input_type = InputType.POINTWISE
+    properties_base = LMM_BASE  # Config layers properties/model/_lmm.yaml under PRIME.yaml
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
