@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from logging import getLogger
+
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_mm.lmm.defaults import LMM_BASE
+
+logger = getLogger(__name__)
 
 # Settings a retriever shares with the PRIME run that hosts it (data, protocol, device); its own
 # hyperparameters come from its model yaml and from PRIME's ``retriever_config`` dict.
@@ -109,11 +113,27 @@ class PRIME(SequentialRecommender):
             out[rows.unsqueeze(1), candidates[rows]] = placed.to(out.dtype)
         return out
 
-    def full_sort_predict(self, interaction):
-        scores = self.retriever_scores(interaction)
+    def two_stage_scores(self, interaction, history_index=None, answers=None, batch_size: int | None = None):
+        """The one two-stage composition: ``(scores over all items, rows ranked)``.
+
+        The retriever scores every item (``history_index``: items masked out); without a ranker that
+        is the result. Otherwise each row's top ``n_candidates`` are scored by the ranker
+        (``batch_size`` prompts per forward pass; ``None``: all at once) and placed first in the
+        ranker's order (:meth:`compose`). ``answers`` (each row's answer item): only rows whose answer
+        is a candidate are ranked -- the others score 0 at every cutoff <= ``n_candidates`` whatever
+        the ranker does, so this is exact for those cutoffs.
+        """
+        scores = self.retriever_scores(interaction, history_index)
         if self.ranker is None:
-            return scores
+            return scores, 0
         candidates = torch.topk(scores, self.n_candidates, dim=1).indices
-        rows = torch.arange(len(scores), device=scores.device)
-        ranked = self.ranker.score(self.histories(interaction), candidates.cpu()).to(scores.device)
-        return self.compose(scores, candidates, rows, ranked)
+        if answers is None:
+            rows = torch.arange(len(scores), device=scores.device)
+        else:
+            hit = (candidates.cpu() == torch.as_tensor(answers).cpu().unsqueeze(1)).any(1)
+            rows = torch.nonzero(hit).squeeze(1).to(scores.device)
+        ranked = self.ranker.score_in_batches(self.histories(interaction, rows), candidates[rows].cpu(), batch_size)
+        return self.compose(scores, candidates, rows, ranked.to(scores.device)), len(rows)
+
+    def full_sort_predict(self, interaction):
+        return self.two_stage_scores(interaction)[0]
