@@ -266,3 +266,116 @@ def test_two_stage_scores_one_composition_for_predict_and_evaluation(tiny_datase
         else:
             assert torch.equal(torch.argsort(partial[r], descending=True, stable=True)[:10],
                                torch.argsort(retriever[r], descending=True, stable=True)[:10])
+
+
+# ------------------------------------------------------------------------------ build_backbone, templates
+class _Store:
+    """An item store of 12 items: a title and a caption each, a small coloured image."""
+
+    def __len__(self):
+        return 13
+
+    def attributes(self, i):
+        return {"title": f"movie {i} red blue", "caption": f"a poster of movie {i}"}
+
+    def image(self, i):
+        from PIL import Image
+
+        return Image.new("RGB", (28, 28), (20 * i % 256, 40, 90))
+
+
+def _lmm_config(tmp_path, **extra):
+    return {**shipped_defaults("PRIME"), "ranker_model": "small", "seed": 3, "reproducibility": True,
+            "ranker_small": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "vocab_size": 300},
+            "image_min_pixels": 784, "image_max_pixels": 784, "ranker_quantization": "none",
+            "artifacts_dir": str(tmp_path / "art"), **extra}
+
+
+def _lora(backbone):
+    return {n: p.detach().clone() for n, p in backbone.model.named_parameters() if "lora_" in n}
+
+
+def test_build_backbone_builds_small_reseeds_and_places_by_one_rule(tmp_path):
+    from recbole_mm.lmm.backbone import Backbone, build_backbone, place
+
+    config = _lmm_config(tmp_path, lora_r=4)
+    first = build_backbone(config, _Store(), "cpu")
+    (folder,) = os.listdir(config["artifacts_dir"])
+    assert folder.startswith("small-vlm-") and first.is_vision and not first.quantized
+    assert first.settings.lora_r == 4 and first.settings.min_pixels == 784
+    torch.rand(100)  # whatever ran before (stage 1, another build), LoRA starts from the same weights
+    second = build_backbone(config, _Store(), "cpu")
+    a, b = _lora(first), _lora(second)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert os.listdir(config["artifacts_dir"]) == [folder]  # built once, reused
+    assert {p.device.type for p in second.model.parameters()} == {"cpu"}
+
+    moved = []
+
+    class Model:
+        def to(self, device):
+            moved.append(device)
+
+    place(Backbone(Model(), None, None, False, 0.0, quantized=True), "cuda:0")
+    place(Backbone(Model(), None, None, False, 0.0, quantized=False), "cuda:1")
+    assert moved == ["cuda:1"]  # a 4-bit model stays where bitsandbytes' device_map put it
+
+
+class _RolePlayTemplate:
+    """A different prompt (MLLM4Rec-like role play, ``title : caption`` lines), numbered by letters."""
+
+    def __init__(self):
+        from recbole_mm.lmm.prompts import PromptSettings
+
+        self.settings = PromptSettings(variant="no_image")
+        self.use_images = False
+
+    def labels(self, k):
+        return list("ABCDEFGH"[:k])
+
+    def render(self, history, candidates, tokenizer=None):
+        from recbole_mm.lmm.prompts import Prompt
+
+        lines = ["You are a movie fan. You watched:"]
+        lines += [f"{h['attributes']['title']} : {h['attributes']['caption']}" for h in history]
+        lines += ["Which one next?"] + [f"{lab}. {c['attributes']['title']} : {c['attributes']['caption']}"
+                                        for lab, c in zip(self.labels(len(candidates)), candidates)]
+        text = "\n".join(lines) + "\n"
+        return Prompt(messages=[{"role": "user", "content": [{"type": "text", "text": text}]}], images=[],
+                      letters=self.labels(len(candidates)), parts=[text])
+
+    def response(self, label, tokenizer):
+        return label + tokenizer.eos_token
+
+    def response_tokens(self, prompt_text, full_text, tokenizer):
+        return 2
+
+
+def test_lmm_ranker_takes_any_template_and_scores_in_batches(tmp_path):
+    from recbole_mm.lmm.backbone import build_backbone
+    from recbole_mm.lmm.candidate_ranker import LMMRanker
+    from recbole_mm.lmm.prompts import LetteredJSONTemplate, PromptTemplate
+
+    backbone = build_backbone(_lmm_config(tmp_path, lora_r=0), _Store(), "cpu")
+    backbone.model.eval()
+    template = _RolePlayTemplate()
+    assert isinstance(template, PromptTemplate) and isinstance(LetteredJSONTemplate(), PromptTemplate)
+    ranker = LMMRanker(backbone, _Store(), template)
+    histories = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
+    candidates = torch.tensor([[3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 1, 2]])
+    text, images = ranker.render(histories[0], candidates[0].tolist())
+    assert "You are a movie fan" in text and "A. movie 3 red blue : a poster of movie 3" in text and images == []
+    with torch.no_grad():
+        batched = ranker.score_in_batches(histories, candidates, 3)
+        # independent reference: each prompt alone, the last position's logits at the labels' tokens
+        for row in range(4):
+            text, _ = ranker.render(histories[row], candidates[row].tolist())
+            ids = backbone.tokenizer(text, return_tensors="pt")
+            logits = backbone.model(**ids).logits[0, -1]
+            label_ids = [backbone.tokenizer(text + lab, add_special_tokens=False)["input_ids"][-1] for lab in "ABC"]
+            torch.testing.assert_close(batched[row], logits[label_ids], rtol=1e-4, atol=1e-4)
+        for bs in (1, None):
+            torch.testing.assert_close(ranker.score_in_batches(histories, candidates, bs), batched, rtol=1e-4, atol=1e-4)
+        assert ranker.score_in_batches([], candidates[:0], 2).shape == (0, 3)
+        loss = ranker.loss(histories, candidates, torch.tensor([0, 1, 2, 0]))
+    assert torch.isfinite(loss)
