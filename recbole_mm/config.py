@@ -6,12 +6,16 @@ import ast
 import os
 import re
 from importlib import resources
+from logging import getLogger
 
 import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
 from recbole_mm.errors import ConfigError
+from recbole_mm.lmm.prompts import LOSS_TOKENS, PROMPT_TEXTS, VARIANTS
+
+logger = getLogger(__name__)
 
 
 class _SafeYamlLoader(yaml.SafeLoader):
@@ -117,8 +121,9 @@ def resolve_config_file(name: str) -> str:
 PRIME_CHOICES = {
     "ranker_optimizer": ("adamw", "adamw_8bit"),
     "ranker_negative_counts": ("train", "train_valid_plus_one"),
-    "ranker_loss_tokens": ("letter_end", "letter_end_newline"),
-    "prompt_text": ("ours", "reference"),
+    "ranker_loss_tokens": LOSS_TOKENS,
+    "prompt_text": PROMPT_TEXTS,
+    "prompt_variant": VARIANTS,
     "pref_answer_rule": ("ours", "reference"),
     "pref_step_unit": ("prefixes", "users"),
 }
