@@ -225,7 +225,7 @@ def test_reference_prompt_text():
 
 
 def test_loss_with_newline_covers_letter_end_of_turn_and_newline(monkeypatch, tiny_dataset, tmp_path):
-    from recbole_mm.lmm import ranker as ranker_module
+    from recbole_mm.lmm import candidate_ranker as ranker_module
     from recbole_mm.lmm.verbalizer import response_text
 
     data_path, name = tiny_dataset
