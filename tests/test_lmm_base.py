@@ -379,3 +379,23 @@ def test_lmm_ranker_takes_any_template_and_scores_in_batches(tmp_path):
         assert ranker.score_in_batches([], candidates[:0], 2).shape == (0, 3)
         loss = ranker.loss(histories, candidates, torch.tensor([0, 1, 2, 0]))
     assert torch.isfinite(loss)
+
+
+def test_the_retriever_shares_data_protocol_and_device_settings_by_rule(tiny_dataset):
+    from recbole_mm.model.prime import retriever_config, shared_keys
+
+    before = {"data_path", "load_col", "unload_col", "MAX_ITEM_LIST_LENGTH", "USER_ID_FIELD", "ITEM_ID_FIELD",
+              "TIME_FIELD", "user_inter_num_interval", "item_inter_num_interval", "filter_inter_by_user_or_item",
+              "rm_dup_inter", "val_interval", "seed", "reproducibility", "mask_history", "metrics", "topk",
+              "valid_metric", "eval_batch_size", "checkpoint_dir", "show_progress", "state", "use_gpu", "gpu_id",
+              "benchmark_filename"}  # the hand-kept list this rule replaces
+    assert before <= shared_keys()
+    assert not shared_keys() & {"epochs", "learning_rate", "train_batch_size", "hidden_size", "lora_r", "n_candidates"}
+    data_path, name = tiny_dataset
+    split = {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"}
+    config = Config("PRIME", name, config_dict=tiny_config(data_path, eval_args=split, learning_rate=0.5, seed=7,
+                                                           retriever_config={"learning_rate": 0.01}))
+    rconf = retriever_config(config)
+    assert rconf["eval_args"]["order"] == "TO" and rconf["seed"] == 7  # the same split and seed as PRIME's
+    # training settings of the host run stay the host's: the retriever's come from its yaml and retriever_config
+    assert rconf["learning_rate"] == 0.01 and "epochs" not in rconf.external_config_dict

@@ -25,20 +25,29 @@ LMM_BASE = "_lmm"
 
 
 @functools.lru_cache(maxsize=None)
-def _model_yaml(name: str) -> dict:
-    path = resources.files("recbole_mm.properties") / "model" / f"{name}.yaml"
+def _property_yaml(relative: str) -> dict:
+    path = resources.files("recbole_mm.properties").joinpath(*relative.split("/"))
     if not path.is_file():
-        raise ConfigError(f"no shipped property file properties/model/{name}.yaml; check the model name")
+        raise ConfigError(f"no shipped property file properties/{relative}; check the name")
     with path.open(encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"properties/model/{name}.yaml: expected `key: value` settings; fix the file")
+        raise ConfigError(f"properties/{relative}: expected `key: value` settings; fix the file")
     return data
+
+
+def _model_yaml(name: str) -> dict:
+    return _property_yaml(f"model/{name}.yaml")
 
 
 def model_yaml(name: str) -> dict:
     """The settings of one shipped ``properties/model/<name>.yaml`` (a copy)."""
     return copy.deepcopy(_model_yaml(name))
+
+
+def overall_yaml() -> dict:
+    """The settings of ``properties/overall.yaml`` (recbole-mm's protocol keys; a copy)."""
+    return copy.deepcopy(_property_yaml("overall.yaml"))
 
 
 def shipped_defaults(model: str | None = None, base: str = LMM_BASE) -> dict:

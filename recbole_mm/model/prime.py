@@ -8,19 +8,20 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
-from recbole_mm.lmm.defaults import LMM_BASE
+from recbole_mm.lmm.defaults import LMM_BASE, overall_yaml
 
 logger = getLogger(__name__)
 
-# Settings a retriever shares with the PRIME run that hosts it (data, protocol, device); its own
-# hyperparameters come from its model yaml and from PRIME's ``retriever_config`` dict.
-SHARED_KEYS = (
-    "data_path", "load_col", "unload_col", "MAX_ITEM_LIST_LENGTH", "USER_ID_FIELD", "ITEM_ID_FIELD",
-    "TIME_FIELD", "user_inter_num_interval", "item_inter_num_interval", "filter_inter_by_user_or_item",
-    "rm_dup_inter", "val_interval", "seed", "reproducibility", "mask_history", "metrics", "topk",
-    "valid_metric", "eval_batch_size", "checkpoint_dir", "show_progress", "state", "use_gpu", "gpu_id",
-    "benchmark_filename",
-)
+def shared_keys() -> frozenset[str]:
+    """The settings a retriever shares with the PRIME run that hosts it, by rule: RecBole's general,
+    dataset and evaluation settings (``recbole.utils.argument_list``: data, split, protocol, device,
+    logging) and recbole-mm's protocol keys (``overall.yaml``, e.g. ``mask_history``); never a
+    training setting or a model hyperparameter (those come from the retriever's own yaml and
+    PRIME's ``retriever_config``)."""
+    from recbole.utils import argument_list
+
+    return frozenset(argument_list.general_arguments + argument_list.dataset_arguments
+                     + argument_list.evaluation_arguments) | frozenset(overall_yaml())
 
 
 def retriever_config(config):
@@ -30,7 +31,8 @@ def retriever_config(config):
     if not hasattr(config, "for_model"):
         raise ConfigError("PRIME needs recbole_mm's Config (recbole_mm.config.Config), which builds its "
                           "retriever's config; RecBole's own Config does not")
-    shared = {k: config.external_config_dict[k] for k in SHARED_KEYS if k in config.external_config_dict}
+    keys = shared_keys() | set(getattr(config, "parameters", {}).get("Dataset", ()))  # + the dataset yaml's keys
+    shared = {k: v for k, v in config.external_config_dict.items() if k in keys}
     shared.update(retriever_selection(config))
     return config.for_model(config["retriever"], {**shared, **(config["retriever_config"] or {})})
 
