@@ -20,6 +20,7 @@ from recbole_mm.trainer.tracking import StageTracker, peak_memory_mb
 
 logger = getLogger(__name__)
 
+
 def prime_stage_keys() -> StageKeys:
     """PRIME's stages and which of its settings (``_lmm.yaml`` + ``PRIME.yaml``) key each one.
 
