@@ -6,12 +6,16 @@ import ast
 import os
 import re
 from importlib import resources
+from logging import getLogger
 
 import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
 from recbole_mm.errors import ConfigError
+from recbole_mm.lmm.prompts import LOSS_TOKENS, PROMPT_TEXTS, VARIANTS
+
+logger = getLogger(__name__)
 
 
 class _SafeYamlLoader(yaml.SafeLoader):
@@ -117,8 +121,9 @@ def resolve_config_file(name: str) -> str:
 PRIME_CHOICES = {
     "ranker_optimizer": ("adamw", "adamw_8bit"),
     "ranker_negative_counts": ("train", "train_valid_plus_one"),
-    "ranker_loss_tokens": ("letter_end", "letter_end_newline"),
-    "prompt_text": ("ours", "reference"),
+    "ranker_loss_tokens": LOSS_TOKENS,
+    "prompt_text": PROMPT_TEXTS,
+    "prompt_variant": VARIANTS,
     "pref_answer_rule": ("ours", "reference"),
     "pref_step_unit": ("prefixes", "users"),
 }
@@ -129,8 +134,9 @@ class Config(RecBoleConfig):
 
     - a config file may be named by a shipped preset (``--config_files=prime-cpu``);
     - model names resolve through :func:`recbole_mm.model.registry.get_model` (plugin first, then RecBole);
-    - our ``overall.yaml``, ``model/<Model>.yaml`` and ``dataset/<name>.yaml`` are layered on top of
-      RecBole's internal defaults (so user files, ``config_dict`` and the command line still win);
+    - our ``overall.yaml``, ``model/<base>.yaml`` (when the model class declares
+      ``properties_base``, e.g. ``"_lmm"`` for LMM recommenders), ``model/<Model>.yaml`` and
+      ``dataset/<name>.yaml`` are layered on top of RecBole's internal defaults (so user files, ``config_dict`` and the command line still win);
     - command-line overrides come from ``argv`` (a list of ``--key=value``), not from ``sys.argv``,
       so that library calls (tests, tuning) are not influenced by the host process's arguments;
     - values are parsed, never evaluated (:func:`parse_value`, :func:`load_yaml_file`), and bad
@@ -217,6 +223,12 @@ class Config(RecBoleConfig):
             self._update_internal_config_dict(os.path.join(quick, "context-aware.yaml"))
             if dataset == "ml-100k":
                 self._update_internal_config_dict(os.path.join(quick, "context-aware_ml-100k.yaml"))
+        base = getattr(model_class, "properties_base", None)
+        if base:  # e.g. "_lmm": the keys every LMM model shares, under the model's own yaml
+            path = _property_file("model", f"{base}.yaml")
+            if path is None:
+                raise ConfigError(f"{model}.properties_base={base!r}: no properties/model/{base}.yaml is shipped")
+            self._update_internal_config_dict(path)
         path = _property_file("model", f"{model}.yaml")
         if path:
             self._update_internal_config_dict(path)

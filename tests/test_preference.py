@@ -216,7 +216,7 @@ def test_stage3_candidate_sets_never_hold_earlier_items_under_mask_history(tiny_
     from test_prime import _earlier_minus_answer, _prime_loaders
     from test_runs import _user_sequences
 
-    from recbole_mm.trainer import preference
+    from recbole_mm.trainer import preference, prime
 
     data_path, name = tiny_dataset
     dataset, train_data, _, trainer = _prime_loaders(data_path, name, tmp_path, mask=True)
@@ -248,4 +248,4 @@ def test_stage3_candidate_sets_never_hold_earlier_items_under_mask_history(tiny_
         blocked = {items[i] for i in torch.nonzero(torch.isinf(log_probs[r])).squeeze(1).tolist() if i}
         assert blocked == earlier  # exactly the prefix's earlier items: never the answer, never a later item
         repeats += items[answer] in {i for i, t in seqs[users[int(feat["user_id"][r])]] if t < float(feat["timestamp"][r])}
-    assert repeats > 0 and "mask_history" in preference.PREFERENCE_KEYS
+    assert repeats > 0 and "mask_history" in prime.prime_stage_keys().stage_keys("preference")

@@ -130,7 +130,7 @@ def _prime_loaders(data_path, name, tmp_path, mask):
 def test_ranker_validation_candidates_follow_mask_history(tiny_dataset, tmp_path, mask):
     from test_runs import _user_sequences
 
-    from recbole_mm.trainer.prime import RANKER_KEYS
+    from recbole_mm.trainer.prime import prime_stage_keys
 
     data_path, name = tiny_dataset
     dataset, _, valid_data, trainer = _prime_loaders(data_path, name, tmp_path, mask)
@@ -151,4 +151,4 @@ def test_ranker_validation_candidates_follow_mask_history(tiny_dataset, tmp_path
     assert (earlier_candidates == 0) == mask
     if mask:
         assert repeated_answer_found > 0  # an answer that repeats an earlier item stays a candidate
-    assert "mask_history" in RANKER_KEYS  # the adapter's early stopping depends on it
+    assert "mask_history" in prime_stage_keys().stage_keys("ranker")  # the adapter's early stopping depends on it

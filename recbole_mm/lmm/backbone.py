@@ -1,8 +1,8 @@
 """Load an LMM backbone: vision-language (image-text-to-text) or text-only causal LM, optionally
 4-bit NF4 (QLoRA), with LoRA adapters on the language model's linear layers only.
 
-One code path for hub ids, local checkpoint folders and the small local model
-(:mod:`recbole_mm.lmm.tiny_models`). transformers / peft / bitsandbytes are imported inside functions.
+One code path for hub ids, local checkpoint folders, packaged GGUF files and the small local model
+(:mod:`recbole_mm.lmm.tiny_models`); :func:`build_backbone` is what a model's trainer calls. transformers / peft / bitsandbytes are imported inside functions.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from recbole_mm.errors import ConfigError, UserError
+from recbole_mm.lmm.defaults import lmm_default
 
 logger = logging.getLogger(__name__)
 
@@ -36,22 +37,45 @@ class BackboneLoadError(UserError, OSError):
     """The backbone could not be found or read (no network, offline mode, missing directory)."""
 
 
+def _shipped(key: str):
+    """A dataclass default read from properties/model/_lmm.yaml (the one place defaults live)."""
+    return field(default_factory=lambda: lmm_default(key))
+
+
 @dataclass
 class BackboneSettings:
-    """What :func:`load_backbone` loads: checkpoint, precision/quantization, LoRA and image limits."""
+    """What :func:`load_backbone` loads: checkpoint, precision/quantization, LoRA and image limits.
 
-    name_or_path: str = "Qwen/Qwen2-VL-2B-Instruct"
-    quantization: str = "auto"        # auto = 4-bit NF4 only when CUDA is available; '4bit' | 'none'
-    dtype: str = "auto"               # auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU
-    lora_r: int = 8                   # <= 0: no LoRA (frozen backbone)
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    Unset fields take the shipped defaults of ``properties/model/_lmm.yaml``; :meth:`from_config`
+    takes them from a run's config (the same keys, maybe overridden).
+    """
+
+    name_or_path: str = _shipped("ranker_model")
+    quantization: str = _shipped("ranker_quantization")  # auto = 4-bit NF4 only with CUDA; '4bit' | 'none'
+    dtype: str = _shipped("ranker_dtype")   # auto = bfloat16 on CUDA (float16 without bf16), float32 on CPU
+    lora_r: int = _shipped("lora_r")        # <= 0: no LoRA (frozen backbone)
+    lora_alpha: int = _shipped("lora_alpha")
+    lora_dropout: float = _shipped("lora_dropout")
     lora_targets: Any = "all-linear"  # 'all-linear' or a list of module-name suffixes (e.g. ['q_proj', 'v_proj'])
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
-    min_pixels: int | None = None     # processor image-size limits (Qwen-VL family)
+    trust_remote_code: bool = _shipped("trust_remote_code")
+    gradient_checkpointing: bool = _shipped("gradient_checkpointing")
+    min_pixels: int | None = None     # processor image-size limits (Qwen-VL family); None: the processor's
     max_pixels: int | None = None
     cache_dir: str | None = None      # where a .gguf model's dequantized copy is kept (see lmm/gguf.py)
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "BackboneSettings":
+        """The settings of a run: ``ranker_model``, ``ranker_quantization``, ``ranker_dtype``, LoRA,
+        ``trust_remote_code``, ``gradient_checkpointing``, the image budget and ``artifacts_dir``
+        (the cache of a .gguf model's dequantized copy); ``overrides`` replace fields."""
+        values = dict(name_or_path=config["ranker_model"], quantization=config["ranker_quantization"],
+                      dtype=config["ranker_dtype"], lora_r=config["lora_r"], lora_alpha=config["lora_alpha"],
+                      lora_dropout=config["lora_dropout"], trust_remote_code=config["trust_remote_code"],
+                      gradient_checkpointing=config["gradient_checkpointing"],
+                      min_pixels=config["image_min_pixels"], max_pixels=config["image_max_pixels"],
+                      cache_dir=config["artifacts_dir"])
+        values.update(overrides)
+        return cls(**values)
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:
@@ -390,3 +414,53 @@ def load_backbone(settings: BackboneSettings) -> Backbone:
                 f"parameters ({100 * share:.3f}%)")
     return Backbone(model=model, processor=processor, tokenizer=tokenizer, is_vision=vision,
                     trainable_share=share, settings=settings, lora_targets=targets, quantized=quantized)
+
+
+# ----------------------------------------------------------------------------------------------
+# one way to build a run's backbone
+
+
+def small_model_folder(config, texts: list[str]) -> str:
+    """Where ``ranker_model: small`` is built: ``<artifacts_dir>/small-vlm-<fingerprint of size and texts>``."""
+    from recbole_mm.files import fingerprint
+
+    return os.path.join(config["artifacts_dir"], f"small-vlm-{fingerprint(config['ranker_small'], texts)}")
+
+
+def resolve_backbone_name(config, store) -> str:
+    """``ranker_model`` as something :func:`load_backbone` reads: a hub id, a local folder, ``smollm2``
+    or a .gguf file pass through (the gguf ones are dequantized by ``load_backbone``); ``small`` is the
+    tiny Qwen2-VL-architecture model built (once, then reused) from the store's item texts."""
+    name = str(config["ranker_model"])
+    if name != "small":
+        return name
+    from recbole_mm.lmm.tiny_models import build_tiny_vlm
+
+    texts = [json.dumps(store.attributes(i), ensure_ascii=False) for i in range(1, len(store))]
+    return build_tiny_vlm(small_model_folder(config, texts), texts, seed=config["seed"],
+                          min_pixels=config["image_min_pixels"], max_pixels=config["image_max_pixels"],
+                          **config["ranker_small"])
+
+
+def place(backbone: Backbone, device) -> Backbone:
+    """The one device rule: a 4-bit model stays where bitsandbytes put it (its ``device_map``);
+    any other model moves to ``device``."""
+    if not backbone.quantized:
+        backbone.model.to(device)
+    return backbone
+
+
+def build_backbone(config, store, device="cpu") -> Backbone:
+    """A run's backbone with LoRA, on ``device``: ``ranker_model`` resolved
+    (:func:`resolve_backbone_name`), loaded with :meth:`BackboneSettings.from_config`, placed by
+    :func:`place`.
+
+    The seed is set again (``seed``, ``reproducibility``) right before loading, so that LoRA's
+    initial weights (and the training after them) depend on the stage's settings only, not on
+    whether an earlier stage trained or the small model was built in this process.
+    """
+    from recbole.utils import init_seed
+
+    name = resolve_backbone_name(config, store)
+    init_seed(config["seed"], config["reproducibility"])
+    return place(load_backbone(BackboneSettings.from_config(config, name_or_path=name)), device)

@@ -30,9 +30,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Sequence
+from logging import getLogger
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 from recbole_mm.errors import ConfigError
+from recbole_mm.lmm.defaults import lmm_default
+
+logger = getLogger(__name__)
 
 VARIANTS = ("full", "title_only", "no_image", "no_title")
 IMAGE_PLACEHOLDER = "<image>"
@@ -90,11 +94,11 @@ class PromptSettings:
             (``answer_hint`` closes the prompt; empty string: none).
     """
 
-    max_history: int = 25
-    attr_max_tokens: int | None = 32
+    max_history: int = field(default_factory=lambda: lmm_default("max_history_items"))
+    attr_max_tokens: int | None = field(default_factory=lambda: lmm_default("attr_max_tokens"))
     fields: Sequence[str] | None = ("title", "price", "brand", "categories")
-    variant: str = "full"
-    domain: str = "item"
+    variant: str = field(default_factory=lambda: lmm_default("prompt_variant"))
+    domain: str = field(default_factory=lambda: lmm_default("prompt_domain"))
     instruction: str = DEFAULT_INSTRUCTION
     history_header: str = "User history:"
     candidates_header: str = "Candidates:"
@@ -107,6 +111,15 @@ class PromptSettings:
             raise ConfigError(f"max_history must be >= 0, got {self.max_history}")
         if self.fields is not None:
             self.fields = tuple(self.fields)
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "PromptSettings":
+        """The settings of a run (``max_history_items``, ``attr_max_tokens``, ``prompt_variant``,
+        ``prompt_domain``); unset fields keep the shipped defaults; ``overrides`` replace fields."""
+        values = dict(max_history=config["max_history_items"], attr_max_tokens=config["attr_max_tokens"],
+                      variant=config["prompt_variant"], domain=config["prompt_domain"])
+        values.update(overrides)
+        return cls(**values)
 
     @property
     def use_images(self) -> bool:
@@ -322,3 +335,93 @@ def _merge(parts: list[Any]) -> list[Any]:
             else:
                 out.append(p)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# prompt templates: what LMMRanker renders, and what the answer looks like
+
+
+@runtime_checkable
+class PromptTemplate(Protocol):
+    """How an LMM recommender talks about items: a template renders a history and its candidates
+    into a :class:`Prompt`, names the candidates' labels (what the verbalizer scores, one token
+    each) and writes the training response for the answer's label.
+
+    Items reach a template as ``{"attributes": {...}, "image": PIL | None}``. A new prompt (e.g. a
+    role-play ``title : caption`` list) is a new class with these members;
+    :class:`~recbole_mm.lmm.candidate_ranker.LMMRanker` takes any of them.
+    """
+
+    settings: PromptSettings
+
+    @property
+    def use_images(self) -> bool:
+        """Whether items' images go into the prompt (the ranker loads them only then)."""
+
+    def labels(self, k: int) -> list[str]:
+        """The labels of ``k`` candidates, in candidate order."""
+
+    def render(self, history: Sequence[dict], candidates: Sequence[dict], tokenizer: Any = None) -> Prompt:
+        """The prompt for one user: ``history`` oldest first, then ``candidates`` labelled in order."""
+
+    def response(self, label: str, tokenizer) -> str:
+        """The text the model is trained to answer with for the candidate labelled ``label``."""
+
+    def response_tokens(self, prompt_text: str, full_text: str, tokenizer) -> int:
+        """How many tokens at the end of ``full_text`` (prompt + response) the loss covers."""
+
+
+class LetteredJSONTemplate:
+    """PRIME's template: the instruction, the history and the candidates as JSON-like lines,
+    candidates lettered ``(A)``, ``(B)``, ... (:func:`build_prompt`); the answer is the letter and
+    the end-of-turn token.
+
+    ``prompt_text`` (``ours`` | ``reference``) picks the instruction and headers; ``loss_newline``
+    (``ranker_loss_tokens: letter_end_newline``, the reference code) also puts the newline after the
+    end-of-turn token into the response.
+    """
+
+    def __init__(self, settings: PromptSettings | None = None, loss_newline: bool = False):
+        self.settings = settings if settings is not None else PromptSettings()
+        self.loss_newline = loss_newline
+
+    @classmethod
+    def from_config(cls, config) -> "LetteredJSONTemplate":
+        """PRIME's template of a run: :meth:`PromptSettings.from_config` with ``prompt_text``'s
+        texts, and ``ranker_loss_tokens``."""
+        settings = PromptSettings.from_config(config, **prompt_text_settings(config["prompt_text"]))
+        return cls(settings, loss_newline=loss_newline(config["ranker_loss_tokens"]))
+
+    @property
+    def use_images(self) -> bool:
+        return self.settings.use_images
+
+    def labels(self, k: int) -> list[str]:
+        return index_letters(k)
+
+    def render(self, history, candidates, tokenizer=None) -> Prompt:
+        return build_prompt(history, candidates, self.settings, tokenizer)
+
+    def response(self, label: str, tokenizer) -> str:
+        from recbole_mm.lmm.verbalizer import response_text
+
+        return response_text(tokenizer, label) + ("\n" if self.loss_newline else "")
+
+    def response_tokens(self, prompt_text: str, full_text: str, tokenizer) -> int:
+        """2 (letter, end-of-turn), or with ``loss_newline`` those of the whole response as the
+        tokenizer splits it (letter, end-of-turn, newline)."""
+        if not self.loss_newline:
+            return 2
+        ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+        return len(ids(full_text)) - len(ids(prompt_text))
+
+
+LOSS_TOKENS = ("letter_end", "letter_end_newline")
+
+
+def loss_newline(name: str) -> bool:
+    """``ranker_loss_tokens``: ``letter_end`` (ours) or ``letter_end_newline`` (the reference code's
+    loss also covers the newline after the end-of-turn token, ``trainer/lmm.py:69-70``)."""
+    if name not in LOSS_TOKENS:
+        raise ConfigError(f"ranker_loss_tokens={name!r}: choose letter_end or letter_end_newline")
+    return name == "letter_end_newline"

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+from logging import getLogger
+
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
-# Settings a retriever shares with the PRIME run that hosts it (data, protocol, device); its own
-# hyperparameters come from its model yaml and from PRIME's ``retriever_config`` dict.
-SHARED_KEYS = (
-    "data_path", "load_col", "unload_col", "MAX_ITEM_LIST_LENGTH", "USER_ID_FIELD", "ITEM_ID_FIELD",
-    "TIME_FIELD", "user_inter_num_interval", "item_inter_num_interval", "filter_inter_by_user_or_item",
-    "rm_dup_inter", "val_interval", "seed", "reproducibility", "mask_history", "metrics", "topk",
-    "valid_metric", "eval_batch_size", "checkpoint_dir", "show_progress", "state", "use_gpu", "gpu_id",
-    "benchmark_filename",
-)
+from recbole_mm.lmm.defaults import LMM_BASE, overall_yaml
+
+logger = getLogger(__name__)
+
+def shared_keys() -> frozenset[str]:
+    """The settings a retriever shares with the PRIME run that hosts it, by rule: RecBole's general,
+    dataset and evaluation settings (``recbole.utils.argument_list``: data, split, protocol, device,
+    logging) and recbole-mm's protocol keys (``overall.yaml``, e.g. ``mask_history``); never a
+    training setting or a model hyperparameter (those come from the retriever's own yaml and
+    PRIME's ``retriever_config``)."""
+    from recbole.utils import argument_list
+
+    return frozenset(argument_list.general_arguments + argument_list.dataset_arguments
+                     + argument_list.evaluation_arguments) | frozenset(overall_yaml())
 
 
 def retriever_config(config):
@@ -24,7 +31,8 @@ def retriever_config(config):
     if not hasattr(config, "for_model"):
         raise ConfigError("PRIME needs recbole_mm's Config (recbole_mm.config.Config), which builds its "
                           "retriever's config; RecBole's own Config does not")
-    shared = {k: config.external_config_dict[k] for k in SHARED_KEYS if k in config.external_config_dict}
+    keys = shared_keys() | set(getattr(config, "parameters", {}).get("Dataset", ()))  # + the dataset yaml's keys
+    shared = {k: v for k, v in config.external_config_dict.items() if k in keys}
     shared.update(retriever_selection(config))
     return config.for_model(config["retriever"], {**shared, **(config["retriever_config"] or {})})
 
@@ -59,6 +67,7 @@ class PRIME(SequentialRecommender):
     """
 
     input_type = InputType.POINTWISE
+    properties_base = LMM_BASE  # Config layers properties/model/_lmm.yaml under PRIME.yaml
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -106,11 +115,27 @@ class PRIME(SequentialRecommender):
             out[rows.unsqueeze(1), candidates[rows]] = placed.to(out.dtype)
         return out
 
-    def full_sort_predict(self, interaction):
-        scores = self.retriever_scores(interaction)
+    def two_stage_scores(self, interaction, history_index=None, answers=None, batch_size: int | None = None):
+        """The one two-stage composition: ``(scores over all items, rows ranked)``.
+
+        The retriever scores every item (``history_index``: items masked out); without a ranker that
+        is the result. Otherwise each row's top ``n_candidates`` are scored by the ranker
+        (``batch_size`` prompts per forward pass; ``None``: all at once) and placed first in the
+        ranker's order (:meth:`compose`). ``answers`` (each row's answer item): only rows whose answer
+        is a candidate are ranked -- the others score 0 at every cutoff <= ``n_candidates`` whatever
+        the ranker does, so this is exact for those cutoffs.
+        """
+        scores = self.retriever_scores(interaction, history_index)
         if self.ranker is None:
-            return scores
+            return scores, 0
         candidates = torch.topk(scores, self.n_candidates, dim=1).indices
-        rows = torch.arange(len(scores), device=scores.device)
-        ranked = self.ranker.score(self.histories(interaction), candidates.cpu()).to(scores.device)
-        return self.compose(scores, candidates, rows, ranked)
+        if answers is None:
+            rows = torch.arange(len(scores), device=scores.device)
+        else:
+            hit = (candidates.cpu() == torch.as_tensor(answers).cpu().unsqueeze(1)).any(1)
+            rows = torch.nonzero(hit).squeeze(1).to(scores.device)
+        ranked = self.ranker.score_in_batches(self.histories(interaction, rows), candidates[rows].cpu(), batch_size)
+        return self.compose(scores, candidates, rows, ranked.to(scores.device)), len(rows)
+
+    def full_sort_predict(self, interaction):
+        return self.two_stage_scores(interaction)[0]

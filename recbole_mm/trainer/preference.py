@@ -5,6 +5,8 @@ from __future__ import annotations
 from logging import getLogger
 from typing import Callable
 
+import math
+
 import torch
 from torch import nn
 
@@ -14,12 +16,6 @@ from recbole_mm.sampler.candidate_sets import CandidateSetSampler, label_pairs
 from recbole_mm.trainer.ranker_training import ranker_autocast
 
 logger = getLogger(__name__)
-
-PREFERENCE_KEYS = ("pref_set_likelihood", "pref_beta", "pref_learning_rate", "pref_weight_decay", "pref_dropout",
-                   "pref_epochs", "pref_batch_size", "pref_train_examples", "pref_warmup_steps", "pref_max_grad_norm",
-                   "pref_max_tries", "pref_answer_rule", "pref_step_unit", "pref_valid_every", "pref_valid_users", "pref_patience", "n_candidates", "seed",
-                   "mask_history")
-
 
 def set_dropout(module: nn.Module, p: float) -> None:
     """Every ``nn.Dropout`` of ``module`` drops with probability ``p`` from now on."""
@@ -85,13 +81,11 @@ class PreferenceTrainer:
         ranker.model.eval()
         histories = self.model.histories(feat, rows.to(feat[self.model.ITEM_SEQ].device))
         bs = self.config["ranker_eval_batch_size"]
-        out = []
-        for start in range(0, len(histories), bs):
-            with ranker_autocast(ranker):
-                out.append(ranker.score(histories[start:start + bs], candidates[start:start + bs].cpu()).cpu())
-            self.ranker_batches += 1
+        with ranker_autocast(ranker):
+            scores = ranker.score_in_batches(histories, candidates.cpu(), bs)
+        self.ranker_batches += math.ceil(len(histories) / bs)
         self.ranker_prompts += len(histories)
-        return torch.cat(out)
+        return scores
 
     def _logits(self, feat) -> torch.Tensor:
         logits = self.retriever.full_sort_predict(feat).view(len(feat), -1).float()

@@ -3,29 +3,41 @@
 from __future__ import annotations
 
 import json
-import os
 import time
+from logging import getLogger
 
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import init_seed
 
-from recbole_mm.trainer.stage_store import StageStore
 from recbole_mm.files import dataset_fingerprint, fingerprint
+from recbole_mm.lmm.defaults import LMM_BASE, model_yaml, shipped_defaults
 from recbole_mm.trainer.checkpoint import atomic_save, checkpoint_entries, load_model_state, plain_config, safe_load
-from recbole_mm.trainer.preference import PREFERENCE_KEYS, PreferenceTrainer
+from recbole_mm.trainer.preference import PreferenceTrainer
 from recbole_mm.trainer.ranker_training import RankerExamples, RankerTrainer, ranked_ndcg
+from recbole_mm.trainer.stage_store import EVALUATION_ONLY_KEYS, StageKeys, StageRule, StageStore
 from recbole_mm.trainer.tracking import StageTracker, peak_memory_mb
 
-RANKER_KEYS = ("ranker_model", "ranker_small", "ranker_quantization", "ranker_dtype", "lora_r", "lora_alpha",
-               "lora_dropout", "prompt_variant", "prompt_domain", "max_history_items", "attr_max_tokens",
-               "image_min_pixels", "image_max_pixels", "ranker_negatives", "ranker_train_examples",
-               "ranker_valid_users", "ranker_learning_rate", "ranker_epochs", "ranker_batch_size",
-               "ranker_grad_accum", "ranker_warmup_steps", "ranker_valid_every", "ranker_patience",
-               "n_candidates", "seed", "mask_history", "ranker_min_history", "ranker_negative_counts",
-               "ranker_optimizer", "ranker_weight_decay", "ranker_max_grad_norm", "prompt_text", "ranker_loss_tokens")
-# settings that change what is reported, never the trained weights: not part of a stage's key
-EVALUATION_ONLY_KEYS = ("metrics", "topk", "eval_batch_size", "show_progress", "state", "checkpoint_dir")
+logger = getLogger(__name__)
+
+
+def prime_stage_keys() -> StageKeys:
+    """PRIME's stages and which of its settings (``_lmm.yaml`` + ``PRIME.yaml``) key each one.
+
+    ``retriever*`` settings key stage 1 (with the retriever's own config); the LMM base yaml's keys
+    and ``ranker_*``, ``lora_*``, ``prompt_*``, ``image_*`` key stage 2; ``pref_*`` and
+    ``preference_optimization`` key stage 3. ``n_candidates`` (the retriever's Recall@k, the
+    ranker's letters, stage 3's sets) and every key no rule matches key all three; ``seed`` and
+    ``mask_history`` come from outside PRIME's yaml and key all three too.
+    """
+    return StageKeys(
+        stages=("retriever", "ranker", "preference"),
+        rules=[StageRule("retriever", prefixes=("retriever",)),
+               StageRule("ranker", prefixes=("ranker_", "lora_", "prompt_", "image_"), keys=tuple(model_yaml(LMM_BASE))),
+               StageRule("preference", prefixes=("pref_",), keys=("preference_optimization",))],
+        keys=shipped_defaults("PRIME"),
+        every_stage=("n_candidates", "train_neg_sample_args"),
+        inputs=("seed", "mask_history"))
 
 
 def prefix_filter(users: torch.Tensor, lengths: torch.Tensor, min_history: int) -> torch.Tensor:
@@ -37,16 +49,6 @@ def prefix_filter(users: torch.Tensor, lengths: torch.Tensor, min_history: int) 
         return torch.ones(len(users), dtype=torch.bool)
     longest = torch.zeros(int(users.max()) + 1, dtype=torch.long).scatter_reduce(0, users, lengths, "amax")
     return (lengths >= min_history) | ((lengths == longest[users]) & (longest[users] < min_history))
-
-
-def loss_newline(name: str) -> bool:
-    """``ranker_loss_tokens``: ``letter_end`` (ours) or ``letter_end_newline`` (the reference code's
-    loss also covers the newline after the end-of-turn token, ``trainer/lmm.py:69-70``)."""
-    from recbole_mm.errors import ConfigError
-
-    if name not in ("letter_end", "letter_end_newline"):
-        raise ConfigError(f"ranker_loss_tokens={name!r}: choose letter_end or letter_end_newline")
-    return name == "letter_end_newline"
 
 
 def popularity_counts(train, valid, seq_field: str, len_field: str, target_field: str) -> torch.Tensor:
@@ -79,6 +81,8 @@ class PRIMETrainer(Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.stages = StageStore(config["artifacts_dir"])
+        #: which settings key each stage (by rule, see :func:`prime_stage_keys`)
+        self.stage_keys = prime_stage_keys()
         self.stage_log: dict[str, dict] = {}
         self.retriever_results: dict[str, dict] = {}
         self._mode, self._phase = "composed", "test"
@@ -94,6 +98,11 @@ class PRIMETrainer(Trainer):
         self.stage_log[name] = entry
         self.logger.info(f"[PRIME] stage {name}: {json.dumps(entry, default=str)}")
 
+    def stage_key(self, stage: str, *parts) -> str:
+        """Fingerprint of ``stage``: its settings by rule (:attr:`stage_keys`), the data, ``parts``
+        (the previous stage's key, the retriever's own config)."""
+        return fingerprint(stage, *parts, self.stage_keys.settings(self.config, stage), dataset_fingerprint(self.config))
+
     def train_retriever(self):
         """Stage 1: train (or load) the retriever; returns the stage key."""
         from recbole_mm.trainer.standalone import train_and_test
@@ -101,69 +110,49 @@ class PRIMETrainer(Trainer):
         started = time.perf_counter()
         rconf = self.model.retriever_config
         settings = {k: v for k, v in plain_config(rconf, external_only=True).items() if k not in EVALUATION_ONLY_KEYS}
-        key = fingerprint("retriever", rconf["model"], settings, dataset_fingerprint(rconf),
-                          self.config["retriever_checkpoint"])
-        path = self.stages.folder("retriever", key) / "retriever.pth"
-        done = self.stages.done("retriever", key)
-        if done:
-            self.logger.info(f"[PRIME] stage retriever: reusing {path}")
-            info = {"reused": True}
-        elif self.config["retriever_checkpoint"]:
-            ckpt = self.config["retriever_checkpoint"]
-            state = checkpoint_entries(safe_load(ckpt, map_location="cpu"), ckpt)["state_dict"]
-            load_model_state(self.model.retriever, state, ckpt)  # a checkpoint of another model/dataset: one line
-            atomic_save(state, str(path))
-            info = {"loaded_from": self.config["retriever_checkpoint"]}
-            self.stages.finish("retriever", key, info)
-        else:
+        key = self.stage_key("retriever", rconf["model"], settings, dataset_fingerprint(rconf))
+
+        def compute(folder):
+            path = str(folder / "retriever.pth")
+            if self.config["retriever_checkpoint"]:
+                ckpt = self.config["retriever_checkpoint"]
+                state = checkpoint_entries(safe_load(ckpt, map_location="cpu"), ckpt)["state_dict"]
+                load_model_state(self.model.retriever, state, ckpt)  # a checkpoint of another model/dataset: one line
+                atomic_save(state, path)
+                return {"loaded_from": ckpt}
             self.logger.info(f"[PRIME] stage retriever: training {rconf['model']}")
             result, _, _ = train_and_test(rconf, saved=True)
-            atomic_save(safe_load(result["saved_model_file"], map_location="cpu")["state_dict"], str(path))
+            atomic_save(safe_load(result["saved_model_file"], map_location="cpu")["state_dict"], path)
             info = {k: result.get(k) for k in ("best_valid_result", "test_result", "epochs_run", "best_epoch",
                                                "time_per_epoch_s", "total_time_s", "epoch_log")}
-            info["valid_metric"] = rconf["valid_metric"]
-            self.stages.finish("retriever", key, info)
+            return {**info, "valid_metric": rconf["valid_metric"]}
+
+        info, reused = self.stages.run("retriever", key, compute)
+        path = self.stages.folder("retriever", key) / "retriever.pth"
         self.model.retriever.load_state_dict(safe_load(str(path), map_location=self.device))
         self.artifacts["retriever"] = str(path)
-        self.curves["retriever"] = (done or info).get("epoch_log") or []
-        self._stage("retriever", started, key=key, **{k: v for k, v in info.items() if k != "epoch_log"})
+        self.curves["retriever"] = info.get("epoch_log") or []
+        shown = {"reused": True} if reused else {k: v for k, v in info.items() if k != "epoch_log"}
+        self._stage("retriever", started, key=key, **shown)
         self.retriever_key = key
         return key
 
     def build_ranker(self, dataset):
-        """Load the LMM backbone (building the small local model if asked) with LoRA."""
-        from recbole_mm.data.item_store import ItemStore
-        from recbole_mm.lmm.backbone import BackboneSettings, load_backbone
-        from recbole_mm.lmm.prompts import PromptSettings, prompt_text_settings
+        """The LMM ranker of a run: the backbone (:func:`~recbole_mm.lmm.backbone.build_backbone`:
+        hub id, local folder, ``small``, GGUF; LoRA; reseeded; on this trainer's device) with PRIME's
+        prompt template over the dataset's item store."""
+        from recbole_mm.errors import UserError
+        from recbole_mm.lmm.backbone import build_backbone
         from recbole_mm.lmm.candidate_ranker import LMMRanker
+        from recbole_mm.lmm.prompts import LetteredJSONTemplate
 
         cfg = self.config
-        store = ItemStore.from_recbole(cfg, dataset, min_pixels=cfg["image_min_pixels"],
-                                       max_pixels=cfg["image_max_pixels"])
-        name = cfg["ranker_model"]
-        if name == "small":
-            from recbole_mm.lmm.tiny_models import build_tiny_vlm
-
-            texts = [json.dumps(store.attributes(i), ensure_ascii=False) for i in range(1, len(store))]
-            folder = os.path.join(cfg["artifacts_dir"], f"small-vlm-{fingerprint(cfg['ranker_small'], texts)}")
-            name = build_tiny_vlm(folder, texts, seed=cfg["seed"], min_pixels=cfg["image_min_pixels"],
-                                   max_pixels=cfg["image_max_pixels"], **cfg["ranker_small"])
-        # reseed: LoRA's initial weights (and, in train_ranker, training) must depend on the stage key
-        # only, not on whether stage 1 trained or the small model was built in this process
-        init_seed(cfg["seed"], cfg["reproducibility"])
-        backbone = load_backbone(BackboneSettings(
-            name_or_path=name, quantization=cfg["ranker_quantization"], dtype=cfg["ranker_dtype"],
-            lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
-            trust_remote_code=cfg["trust_remote_code"], gradient_checkpointing=cfg["gradient_checkpointing"],
-            min_pixels=cfg["image_min_pixels"], max_pixels=cfg["image_max_pixels"],
-            cache_dir=cfg["artifacts_dir"]))
-        if cfg["ranker_quantization"] != "4bit" and not getattr(backbone.model, "is_loaded_in_4bit", False):
-            backbone.model.to(self.device)
-        settings = PromptSettings(max_history=cfg["max_history_items"], attr_max_tokens=cfg["attr_max_tokens"],
-                                  variant=cfg["prompt_variant"], domain=cfg["prompt_domain"],
-                                  **prompt_text_settings(cfg["prompt_text"]))
-        return LMMRanker(backbone, store, settings, device=self.device,
-                         loss_newline=loss_newline(cfg["ranker_loss_tokens"]))
+        store = getattr(dataset, "item_store", None)  # built by MultimodalSequentialDataset
+        if store is None:
+            raise UserError(f"PRIME needs the item side data of dataset {cfg['dataset']!r}: build the dataset with "
+                            "recbole_mm.utils.create_dataset (MultimodalSequentialDataset), not RecBole's own")
+        backbone = build_backbone(cfg, store, self.device)
+        return LMMRanker(backbone, store, LetteredJSONTemplate.from_config(cfg), device=self.device)
 
     def training_examples(self, train_data, valid_data=None) -> RankerExamples:
         """One prompt per training prefix with at least ``ranker_min_history`` history items (capped):
@@ -227,29 +216,29 @@ class PRIMETrainer(Trainer):
     def train_ranker(self, train_data, valid_data):
         """Stage 2: train (or load) the LMM ranker and attach it to the model."""
         started = time.perf_counter()
-        key = fingerprint("ranker", self.retriever_key, {k: self.config[k] for k in RANKER_KEYS},
-                          dataset_fingerprint(self.config))
-        folder = self.stages.folder("ranker", key)
+        key = self.stage_key("ranker", self.retriever_key)
         ranker = self.build_ranker(train_data._dataset)
-        done = self.stages.done("ranker", key)
+        folder = self.stages.folder("ranker", key)
         trainer = RankerTrainer(ranker, self.config, str(folder), tracker=StageTracker.for_trainer(self, "ranker"))
-        if done:
-            self.logger.info(f"[PRIME] stage ranker: reusing {folder / 'adapter'}")
-            trainer.load_adapter()  # peft's folder, out_dir/adapter
-            info = {"reused": True}
-        else:
+
+        def compute(folder):
             train, valid = self.training_examples(train_data, valid_data), self.validation_examples(valid_data)
             init_seed(self.config["seed"], self.config["reproducibility"])
             best = trainer.fit(train, valid, seed=self.config["seed"])
-            info = {"best_valid_ndcg@10_sample": best, "train_prompts": len(train), "valid_users": len(valid),
+            return {"best_valid_ndcg@10_sample": best, "train_prompts": len(train), "valid_users": len(valid),
                     "trainable_share": ranker.backbone.trainable_share, "history": trainer.history}
-            self.stages.finish("ranker", key, info)
-        self.curves["ranker"] = (done or info).get("history") or []
+
+        def load(folder, info):
+            trainer.load_adapter()  # peft's folder, out_dir/adapter
+
+        info, reused = self.stages.run("ranker", key, compute, load)
+        self.curves["ranker"] = info.get("history") or []
         ranker.model.eval()
         self.model.ranker = ranker
         self.ranker_key = key
         self.artifacts["ranker_adapter"] = str(folder / "adapter")
-        self._stage("ranker", started, key=key, **{k: v for k, v in info.items() if k != "history"})
+        shown = {"reused": True} if reused else {k: v for k, v in info.items() if k != "history"}
+        self._stage("ranker", started, key=key, **shown)
 
     def preference_validation(self, valid_data) -> dict:
         """Two-stage NDCG@10 (full ranking) and the retriever's Recall@k on ``pref_valid_users``."""
@@ -261,15 +250,9 @@ class PRIMETrainer(Trainer):
     def optimize_retriever(self, train_data, valid_data):
         """Stage 3: online preference optimization of the retriever (or load its result)."""
         started = time.perf_counter()
-        key = fingerprint("preference", self.ranker_key, {k: self.config[k] for k in PREFERENCE_KEYS},
-                          dataset_fingerprint(self.config))
-        folder = self.stages.folder("preference", key)
-        path = folder / "retriever.pth"
-        done = self.stages.done("preference", key)
-        if done:
-            self.logger.info(f"[PRIME] stage preference: reusing {path}")
-            info = {"reused": True, **done}
-        else:
+        key = self.stage_key("preference", self.ranker_key)
+
+        def compute(folder):
             init_seed(self.config["seed"], self.config["reproducibility"])  # as for stage 2
             trainer = PreferenceTrainer(self.model, self.config, str(folder),
                                         validate=lambda: self.preference_validation(valid_data),
@@ -277,12 +260,15 @@ class PRIMETrainer(Trainer):
             history = getattr(train_data, "prefix_history", None) if self.config["mask_history"] else None
             info = trainer.fit(train_data._dataset, self.device, history=history,
                                positions=getattr(train_data, "prefix_positions", None))
-            atomic_save(self.model.retriever.state_dict(), str(path))
-            self.stages.finish("preference", key, info)
+            atomic_save(self.model.retriever.state_dict(), str(folder / "retriever.pth"))
+            return info
+
+        info, reused = self.stages.run("preference", key, compute)
+        path = self.stages.folder("preference", key) / "retriever.pth"
         self.model.retriever.load_state_dict(safe_load(str(path), map_location=self.device))
         self.artifacts["retriever_refined"] = str(path)
         self.curves["preference"] = info.get("history") or []
-        self._stage("preference", started, key=key, **info)
+        self._stage("preference", started, key=key, **({"reused": True, **info} if reused else info))
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.saved_model_file = None  # PRIME's weights are its stage artefacts (see extra_results)
@@ -320,23 +306,12 @@ class PRIMETrainer(Trainer):
     def _full_sort_batch_eval(self, batched_data):
         interaction, history_index, positive_u, positive_i = batched_data
         interaction = interaction.to(self.device)
-        scores = self.model.retriever_scores(interaction, history_index)
-        if self._mode == "composed" and self.model.ranker is not None:
-            k = self.model.n_candidates
-            candidates = torch.topk(scores, k, dim=1).indices
-            rows = torch.arange(len(scores), device=scores.device)
-            if self.config["rank_only_hits"] and max(self.config["topk"]) <= k:
-                # users whose answer is not a candidate score 0 at every cutoff <= k whatever the
-                # ranker does, so ranking them cannot change any reported metric
-                rows = torch.nonzero((candidates.cpu() == positive_i.unsqueeze(1)).any(1)).squeeze(1).to(scores.device)
-            ranked = []
-            bs = self.config["ranker_eval_batch_size"]
-            for start in range(0, len(rows), bs):
-                part = rows[start:start + bs]
-                ranked.append(self.model.ranker.score(self.model.histories(interaction, part), candidates[part].cpu()))
-            ranker_scores = torch.cat(ranked).to(scores.device) if ranked else scores.new_zeros(0, k)
-            scores = self.model.compose(scores, candidates, rows, ranker_scores)
-            self._ranked_rows += len(rows)
+        if self._mode != "composed":
+            return interaction, self.model.retriever_scores(interaction, history_index), positive_u, positive_i
+        only_hits = self.config["rank_only_hits"] and max(self.config["topk"]) <= self.model.n_candidates
+        scores, ranked = self.model.two_stage_scores(interaction, history_index, positive_i if only_hits else None,
+                                                     self.config["ranker_eval_batch_size"])
+        self._ranked_rows += ranked
         return interaction, scores, positive_u, positive_i
 
     def extra_results(self) -> dict:

@@ -10,6 +10,8 @@ from logging import getLogger
 
 import torch
 
+from recbole_mm.lmm.candidate_ranker import ndcg_at
+
 logger = getLogger(__name__)
 
 
@@ -30,16 +32,6 @@ class RankerExamples:
         return RankerExamples([self.histories[i] for i in index.tolist()], self.candidates[index], self.answer_pos[index])
 
 
-def ndcg_at(scores: torch.Tensor, answer_pos: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """NDCG@k per row of the answer among the scored candidates (0 where it is not a candidate)."""
-    hit = answer_pos >= 0
-    rank = torch.zeros_like(answer_pos)
-    if hit.any():
-        answer_score = scores[hit].gather(1, answer_pos[hit].unsqueeze(1))
-        rank[hit] = (scores[hit] > answer_score).sum(1)  # 0-based rank, ties in the answer's favour
-    return torch.where(hit & (rank < k), 1.0 / torch.log2(rank.float() + 2), torch.zeros_like(rank, dtype=torch.float))
-
-
 def ranker_autocast(ranker):
     """bfloat16 autocast on CUDA, nothing on the CPU."""
     if str(ranker.device).startswith("cuda"):
@@ -54,12 +46,10 @@ def ranked_ndcg(ranker, examples: RankerExamples, batch_size: int) -> float:
     two-stage NDCG@10 of full ranking. Only rows with the answer among the candidates are scored."""
     ranker.model.eval()
     hits = torch.nonzero(examples.answer_pos >= 0).squeeze(1)
-    total = 0.0
-    for start in range(0, len(hits), batch_size):
-        part = examples.subset(hits[start:start + batch_size])
-        with ranker_autocast(ranker):
-            scores = ranker.score(part.histories, part.candidates)
-        total += float(ndcg_at(scores.cpu(), part.answer_pos).sum())
+    part = examples.subset(hits)
+    with ranker_autocast(ranker):
+        scores = ranker.score_in_batches(part.histories, part.candidates, batch_size)
+    total = float(ndcg_at(scores, part.answer_pos).sum())
     return total / max(1, len(examples))
 
 
