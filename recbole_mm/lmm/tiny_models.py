@@ -243,6 +243,25 @@ def build_tiny_clip(out_dir, *, image_size: int = 32, patch_size: int = 8, hidde
     return build_atomically(out_dir, meta, write)
 
 
+def wordpiece_vocab(texts, normalizer, pre_tokenizer, vocab_size: int, specials: list[str]) -> dict[str, int]:
+    """A WordPiece vocabulary for the tiny text encoder, the same in every process: the special
+    tokens, every character alone and as a ``##`` continuation (so no word is unknown), then the most
+    frequent words (ties by the word itself) up to ``vocab_size``.
+
+    Hand-made because tokenizers' ``WordPieceTrainer`` (and ``BpeTrainer`` with a continuation
+    prefix) break ties between equally frequent merges differently in each process, so the "same"
+    tiny encoder gave other embeddings, and other VLM4Rec results, on every run.
+    """
+    from collections import Counter
+
+    words = Counter(w for text in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    tokens = list(dict.fromkeys([*specials, *chars, *(f"##{c}" for c in chars)]))
+    room = max(0, vocab_size - len(tokens))
+    tokens += [w for w, _ in sorted(words.items(), key=lambda wc: (-wc[1], wc[0])) if len(w) > 1][:room]
+    return {token: i for i, token in enumerate(tokens)}
+
+
 def build_tiny_text_encoder(out_dir, texts, *, hidden_size: int = 32, num_layers: int = 1, num_heads: int = 2,
                              vocab_size: int = 500, seed: int = 0) -> str:
     """Build (or reuse) a tiny random BERT with a WordPiece tokenizer trained on ``texts``.
@@ -255,21 +274,20 @@ def build_tiny_text_encoder(out_dir, texts, *, hidden_size: int = 32, num_layers
     texts = [str(t) for t in texts]
     args = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, vocab_size=vocab_size,
                 seed=seed)
-    meta = {"kind": "bert", "version": 1, "arguments": args, "texts_fingerprint": texts_fingerprint(texts),
+    meta = {"kind": "bert", "version": 2, "arguments": args, "texts_fingerprint": texts_fingerprint(texts),
             "n_texts": len(texts)}
 
     def write(tmp: str):
         import torch
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
         from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+        vocab = wordpiece_vocab(texts or ["empty"], normalizer, pre_tokenizer, vocab_size, specials)
+        tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+        tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
         tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator(texts or ["empty"], trainers.WordPieceTrainer(
-            vocab_size=vocab_size, special_tokens=specials, show_progress=False))
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
