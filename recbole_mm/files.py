@@ -239,13 +239,19 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             text = decode_utf8(raw, file=path, row=i).strip()
             if not text:
                 continue
-            try:
-                rec = json.loads(text)
-            except (ValueError, RecursionError, MemoryError) as e:
-                raise unparsable_line(e, text, path, i, "valid JSON", "each line must be one JSON object") from None
-            if not isinstance(rec, dict):
-                raise DataFormatError("not a JSON object", file=path, row=i, value=text)
-            yield rec
+            yield json_object_line(text, path, i, "each line must be one JSON object")
+
+
+def json_object_line(text: str, path: Any, row: int, hint: str) -> dict:
+    """One line of a JSON-lines file as a dict; anything else is a :class:`DataFormatError` naming
+    the file and the line (``hint`` says what the line should be)."""
+    try:
+        rec = json.loads(text)
+    except (ValueError, RecursionError, MemoryError) as e:
+        raise unparsable_line(e, text, path, row, "valid JSON", hint) from None
+    if not isinstance(rec, dict):
+        raise DataFormatError("not a JSON object", file=path, row=row, value=text)
+    return rec
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

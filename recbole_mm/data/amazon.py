@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 
 from recbole_mm.errors import DataFormatError
 from recbole_mm.data.atomic_files import check_output_folder, sanitize_text, write_atomic
-from recbole_mm.files import decode_utf8, fix_surrogates, staged_folder, unparsable_line, write_json, write_jsonl
+from recbole_mm.files import decode_utf8, fix_surrogates, json_object_line, staged_folder, unparsable_line, write_json, write_jsonl
 
 _WHOLE = re.compile(r"[-+]?\d{1,18}")
 _MAX_TIME = 2 ** 53  # whole seconds exact in a float64
@@ -127,12 +127,7 @@ def read_reviews(path: str | os.PathLike) -> list[tuple[str, str, float | None, 
             r = _finite(rating, file=path, row=i, field="rating")
             t = _unix_time(ts, file=path, row=i, field="timestamp")
         else:
-            try:
-                rec = json.loads(line)
-            except (ValueError, RecursionError, MemoryError) as e:
-                raise unparsable_line(e, line, path, i, "valid JSON", "each line must be one JSON review") from None
-            if not isinstance(rec, dict):
-                raise DataFormatError("not a JSON object", file=path, row=i, value=line)
+            rec = json_object_line(line, path, i, "each line must be one JSON review")
             for key in ("reviewerID", "asin", "unixReviewTime"):
                 if rec.get(key) in (None, ""):
                     raise DataFormatError("missing field", file=path, row=i, field=key, value=line)
