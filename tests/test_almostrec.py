@@ -137,3 +137,21 @@ def test_end_to_end_and_the_base_stage_is_reused(tiny_dataset, tmp_path):
     second = run_recbole_mm("ALMOSTREC", name, config_dict=cfg)
     assert second["stages"]["base"].get("reused") is True
     assert second["test_result"] == first["test_result"]
+
+
+def test_benchmark_smoke_writes_the_table(tmp_path):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "almostrec.py")
+    spec = importlib.util.spec_from_file_location("almostrec_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--smoke", f"--out={tmp_path / 'bench'}"])
+    assert [r["label"] for r in rows] == ["SASRec", "GRU4Rec", "LRURec", "ALMOSTREC on SASRec", "ALMOSTREC on GRU4Rec"]
+    for r in rows:
+        assert 0 <= r["ndcg@10"] <= r["ndcg@20"] <= 1 and r["recall@10"] <= r["recall@20"]
+        assert r["peak_rss_mb"] > 0
+    assert all(r["train_s_per_example"] > 0 and r["eval_s_per_user"] > 0 for r in rows[3:])
+    text = (tmp_path / "bench" / "almostrec_mmfix.md").read_text()
+    assert "ALMOSTREC on GRU4Rec" in text and "ndcg@20" in text
