@@ -68,6 +68,7 @@ def _train_loader(config):
 
 def test_one_token_per_history_item_at_its_position(tiny_dataset, tmp_path):
     config, model, train, _, _ = _model_and_data(tiny_dataset, tmp_path)
+    assert not model.backbone.is_vision  # 'small' is the text-only tiny causal LM for ALMOSTREC
     model.eval()
     captured = {}
 
@@ -155,3 +156,12 @@ def test_benchmark_smoke_writes_the_table(tmp_path):
     assert all(r["train_s_per_example"] > 0 and r["eval_s_per_user"] > 0 for r in rows[3:])
     text = (tmp_path / "bench" / "almostrec_mmfix.md").read_text()
     assert "ALMOSTREC on GRU4Rec" in text and "ndcg@20" in text
+
+
+def test_an_unknown_embedding_field_is_one_line_naming_it(tiny_dataset, tmp_path):
+    import pytest
+
+    from recbole_mm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="almost_embedding_field='nope'"):
+        _model_and_data(tiny_dataset, tmp_path, almost_embedding_field="nope")

@@ -60,7 +60,7 @@ class ALMOSTREC(SequentialRecommender):
         self.max_history = config["max_history_items"]
         self.title_field = config["almost_title_field"]
         self.title_tokens = config["attr_max_tokens"]
-        self.backbone = build_backbone(config, store, "cpu")
+        self.backbone = build_backbone(config, store, "cpu", text_only=True)
         lm = self.backbone.model
         self.lm = lm  # registered: LoRA weights are parameters of this model
         self.tokenizer = self.backbone.tokenizer
