@@ -420,23 +420,28 @@ def load_backbone(settings: BackboneSettings) -> Backbone:
 # one way to build a run's backbone
 
 
-def small_model_folder(config, texts: list[str]) -> str:
-    """Where ``ranker_model: small`` is built: ``<artifacts_dir>/small-vlm-<fingerprint of size and texts>``."""
+def small_model_folder(config, texts: list[str], kind: str = "vlm") -> str:
+    """Where ``ranker_model: small`` is built: ``<artifacts_dir>/small-<kind>-<fingerprint of size and texts>``
+    (``kind``: ``vlm``, or ``lm`` for the text-only model)."""
     from recbole_mm.files import fingerprint
 
-    return os.path.join(config["artifacts_dir"], f"small-vlm-{fingerprint(config['ranker_small'], texts)}")
+    return os.path.join(config["artifacts_dir"], f"small-{kind}-{fingerprint(config['ranker_small'], texts)}")
 
 
-def resolve_backbone_name(config, store) -> str:
+def resolve_backbone_name(config, store, text_only: bool = False) -> str:
     """``ranker_model`` as something :func:`load_backbone` reads: a hub id, a local folder, ``smollm2``
     or a .gguf file pass through (the gguf ones are dequantized by ``load_backbone``); ``small`` is the
-    tiny Qwen2-VL-architecture model built (once, then reused) from the store's item texts."""
+    tiny Qwen2-VL-architecture model built (once, then reused) from the store's item texts, or with
+    ``text_only`` the tiny Qwen2 causal LM (a model that never shows images, e.g. ALMOSTREC)."""
     name = str(config["ranker_model"])
     if name != "small":
         return name
-    from recbole_mm.lmm.tiny_models import build_tiny_vlm
+    from recbole_mm.lmm.tiny_models import build_tiny_causal_lm, build_tiny_vlm
 
     texts = [json.dumps(store.attributes(i), ensure_ascii=False) for i in range(1, len(store))]
+    if text_only:
+        return build_tiny_causal_lm(small_model_folder(config, texts, "lm"), texts, seed=config["seed"],
+                                    **config["ranker_small"])
     return build_tiny_vlm(small_model_folder(config, texts), texts, seed=config["seed"],
                           min_pixels=config["image_min_pixels"], max_pixels=config["image_max_pixels"],
                           **config["ranker_small"])
@@ -450,10 +455,10 @@ def place(backbone: Backbone, device) -> Backbone:
     return backbone
 
 
-def build_backbone(config, store, device="cpu") -> Backbone:
+def build_backbone(config, store, device="cpu", text_only: bool = False) -> Backbone:
     """A run's backbone with LoRA, on ``device``: ``ranker_model`` resolved
     (:func:`resolve_backbone_name`), loaded with :meth:`BackboneSettings.from_config`, placed by
-    :func:`place`.
+    :func:`place`. ``text_only``: ``small`` is the tiny text-only causal LM.
 
     The seed is set again (``seed``, ``reproducibility``) right before loading, so that LoRA's
     initial weights (and the training after them) depend on the stage's settings only, not on
@@ -461,6 +466,6 @@ def build_backbone(config, store, device="cpu") -> Backbone:
     """
     from recbole.utils import init_seed
 
-    name = resolve_backbone_name(config, store)
+    name = resolve_backbone_name(config, store, text_only)
     init_seed(config["seed"], config["reproducibility"])
     return place(load_backbone(BackboneSettings.from_config(config, name_or_path=name)), device)

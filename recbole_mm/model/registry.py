@@ -11,6 +11,7 @@ from recbole_mm.errors import ConfigError, UserError
 # name -> module that defines the class of that name. Modules are imported on demand so that
 # heavy dependencies stay behind the models that need them.
 MODELS = {
+    "ALMOSTREC": "recbole_mm.model.almostrec",
     "LRURec": "recbole_mm.model.lrurec",
     "PRIME": "recbole_mm.model.prime",
     "VLM4Rec": "recbole_mm.model.vlm4rec",
