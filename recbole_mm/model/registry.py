@@ -12,6 +12,7 @@ from recbole_mm.errors import ConfigError, UserError
 # heavy dependencies stay behind the models that need them.
 MODELS = {
     "LRURec": "recbole_mm.model.lrurec",
+    "MLLM4Rec": "recbole_mm.model.mllm4rec",
     "PRIME": "recbole_mm.model.prime",
     "VLM4Rec": "recbole_mm.model.vlm4rec",
 }
