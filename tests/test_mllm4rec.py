@@ -24,8 +24,8 @@ def _config(**over):
 
 def test_role_line_per_dataset_with_a_neutral_default():
     roles = _config()["role_play"]
-    assert role_line(roles, "ml-100k").startswith("You are a movie recommendation assistant")
-    assert role_line(roles, "hm").startswith("You are a fashion")
+    assert role_line(roles, "ml-100k") == "You are going to play a movie enthusiast who is selecting movies they are interested in."
+    assert role_line(roles, "beauty") == "You will play the role of a female, purchasing female items for yourself."
     assert role_line(roles, "some-other-set") == roles["default"]
     assert role_line(None, "x") == DEFAULT_ROLE and role_line("Be a critic.", "x") == "Be a critic."
     with pytest.raises(ConfigError, match="role_play"):
@@ -40,18 +40,18 @@ def test_prompt_renders_role_title_caption_letters_and_history_order():
     lines = str(prompt).split("\n")
     assert lines[0] == role_line(_config()["role_play"], "ml-100k")
     assert '"title : caption"' in lines[1]
-    assert lines[lines.index("User history:") + 1:lines.index("User history:") + 3] == ["Toy Story : a cowboy doll", "Heat"]
+    assert lines[lines.index("Previously browsed:") + 1:lines.index("Previously browsed:") + 3] == ["Toy Story : a cowboy doll", "Heat"]
     assert "Old" not in str(prompt)  # only the last max_history items
-    start = lines.index("Candidates:")
+    start = lines.index("Candidate pool:")
     assert lines[start + 1:start + 4] == ["(A) Alien : a ship in space", "(B) Babe", "(C) Fargo : snow"]
-    assert lines[-1].startswith("Based on the history") and lines[-1].endswith("index letter of that candidate only.")
+    assert lines[-1] == "Recommend one item from the candidate pool with its index letter. Answer with the letter only."
     assert prompt.letters == ["A", "B", "C"] and prompt.images == [] and template.labels(3) == ["A", "B", "C"]
     # caption_source none: titles only; an item field: that field
     none = RolePlayTemplate.from_config(_config(caption_source="none"))
     assert "(A) Alien\n" in str(none.render([], candidates))
     desc = RolePlayTemplate.from_config(_config(caption_source="description"))
     out = str(desc.render([], [_item("Tee", "ignored", description="a red cotton t-shirt")]))
-    assert "(A) Tee : a red cotton t-shirt" in out and "ignored" not in out and "User history:" not in out
+    assert "(A) Tee : a red cotton t-shirt" in out and "ignored" not in out and "Previously browsed:" not in out
 
 
 def test_unsafe_titles_stay_on_their_line_and_special_tokens_are_defused():

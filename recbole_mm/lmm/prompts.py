@@ -431,10 +431,11 @@ def loss_newline(name: str) -> bool:
 # MLLM4Rec's role-play prompt (MLLM4Rec Fig. 2 / Sec. 3.5)
 
 DEFAULT_ROLE = "You are a helpful recommendation assistant."
-ROLE_PLAY_FORMAT = ("Each {domain} is written as \"title : caption\" (a title alone when it has no caption). "
-                    "The user's history is listed oldest first; the candidates are marked (A), (B), ...")
-ROLE_PLAY_INSTRUCTION = ("Based on the history, which candidate {domain} will the user choose next? "
-                         "Answer with the index letter of that candidate only.")
+# the paper's Fig. 3 instruction, split into the format explanation and the request
+ROLE_PLAY_FORMAT = ("I will provide you with the {domain}s you have previously browsed in chronological order, a "
+                    "candidate pool, and a vision description of each {domain}, in the format \"title : caption\" "
+                    "(the title alone when there is no caption).")
+ROLE_PLAY_INSTRUCTION = "Recommend one {domain} from the candidate pool with its index letter. Answer with the letter only."
 CAPTION_SOURCES = ("generated", "none")  # or the name of an item field (e.g. H&M 'description')
 
 
@@ -511,8 +512,8 @@ class RolePlayTemplate:
         domain = self.settings.domain
         lines = [self.role, ROLE_PLAY_FORMAT.replace("{domain}", domain), ""]
         if shown:
-            lines += ["User history:", *(self.item_text(i, tokenizer, specials) for i in shown), ""]
-        lines += ["Candidates:", *(f"({a}) {self.item_text(i, tokenizer, specials)}" for a, i in zip(letters, candidates)),
+            lines += ["Previously browsed:", *(self.item_text(i, tokenizer, specials) for i in shown), ""]
+        lines += ["Candidate pool:", *(f"({a}) {self.item_text(i, tokenizer, specials)}" for a, i in zip(letters, candidates)),
                   "", ROLE_PLAY_INSTRUCTION.replace("{domain}", domain)]
         text = "\n".join(lines)
         return Prompt(messages=[{"role": "user", "content": [{"type": "text", "text": text}]}], images=[],
