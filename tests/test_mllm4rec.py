@@ -180,3 +180,27 @@ def test_every_key_of_mllm4rec_is_classified():
     assert keys.unclassified() == []
     assert keys.classify("caption_source") == "ranker" and keys.classify("role_play") == "ranker"
     assert keys.classify("retriever_checkpoint") == "retriever"
+
+
+def test_benchmark_smoke_shares_one_retriever_checkpoint(tmp_path):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "mllm4rec.py")
+    spec = importlib.util.spec_from_file_location("bench_mllm4rec", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    (result,) = json.loads((tmp_path / "mllm4rec_smoke.json").read_text()).values()
+    rows = result["rows"]
+    assert [(r["k"], r["ranking"].split(",")[0].split(" (")[0]) for r in rows] == [
+        (k, name) for k in (3, 6) for name in ("LRURec alone", "MLLM4Rec", "MLLM4Rec", "PRIME text prompt")]
+    for r in rows:
+        k = r["k"]
+        # every row starts from the standalone retriever's checkpoint: its own evaluation is that retriever's
+        if r["ranking"] == "LRURec alone":
+            assert r["test"] == pytest.approx({m: result["retriever_test"][m] for m in r["test"]})
+        base = next(b for b in rows if b["k"] == k and b["ranking"] == "LRURec alone")
+        assert r["test"][f"recall@{k}"] == base["test"][f"recall@{k}"]  # only the top k is reordered
+        expected = r["test"][f"ndcg@{min(10, k)}"] / r["test"][f"recall@{k}"] if r["test"][f"recall@{k}"] else 0.0
+        assert r["within_candidates_ndcg@10"] == pytest.approx(expected)
+    assert "| mmfix | 6 | MLLM4Rec, captions = generated |" in (tmp_path / "mllm4rec_smoke.md").read_text()
