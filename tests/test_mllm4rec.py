@@ -204,3 +204,14 @@ def test_benchmark_smoke_shares_one_retriever_checkpoint(tmp_path):
         expected = r["test"][f"ndcg@{min(10, k)}"] / r["test"][f"recall@{k}"] if r["test"][f"recall@{k}"] else 0.0
         assert r["within_candidates_ndcg@10"] == pytest.approx(expected)
     assert "| mmfix | 6 | MLLM4Rec, captions = generated |" in (tmp_path / "mllm4rec_smoke.md").read_text()
+
+
+def test_preflight_checks_the_retriever_checkpoint_before_anything_trains(tiny_dataset, tmp_path):
+    from recbole_mm.preflight import PreflightError
+    from recbole_mm.quick_start import run_recbole_mm
+
+    data_path, name = tiny_dataset
+    cfg = _mllm4rec_config(data_path, tmp_path, retriever_checkpoint=str(tmp_path / "missing.pth"))
+    with pytest.raises(PreflightError, match="retriever_checkpoint=.*missing.pth does not exist"):
+        run_recbole_mm("MLLM4Rec", name, config_dict=cfg)
+    assert not os.path.exists(tmp_path / "artifacts")

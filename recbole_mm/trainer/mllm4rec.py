@@ -61,7 +61,8 @@ class MLLM4RecTrainer(PRIMETrainer):
         ids = list(store.item_ids())
         have = sum(1 for i in ids if store.get(i, field_name) not in (None, ""))
         if have == 0:
-            hint = ("generate them: recbole-mm-describe ... --tag=captions" if field_name == "caption"
+            hint = ("generate them: python -m recbole_mm.lmm.describer --dataset=<name> --data_path=<folder> "
+                    "--tag=captions" if field_name == "caption"
                     else "choose caption_source: generated, none or an existing item field")
             raise ConfigError(f"caption_source={self.config['caption_source']!r}: no item of dataset "
                               f"{self.config['dataset']!r} has a {field_name!r} field; {hint}")
