@@ -215,3 +215,16 @@ def test_preflight_checks_the_retriever_checkpoint_before_anything_trains(tiny_d
     with pytest.raises(PreflightError, match="retriever_checkpoint=.*missing.pth does not exist"):
         run_recbole_mm("MLLM4Rec", name, config_dict=cfg)
     assert not os.path.exists(tmp_path / "artifacts")
+
+
+def test_a_saved_run_evaluates_and_recommends_again_with_the_role_play_ranker(tiny_dataset, tmp_path):
+    from recbole_mm.quick_start import run_recbole_mm
+    from recbole_mm.recommend import evaluate_saved, recommend
+
+    data_path, name = tiny_dataset
+    _write_captions(data_path, name, ["i0001", "i0004"])
+    result = run_recbole_mm("MLLM4Rec", name, config_dict=_mllm4rec_config(data_path, tmp_path))
+    again = evaluate_saved(result["saved_model_file"], "test")
+    assert {k: again[k] for k in result["test_result"]} == pytest.approx(result["test_result"])
+    (first,) = recommend(result["saved_model_file"], users=["u0001"], k=3)
+    assert len(first["items"]) == 3
