@@ -28,7 +28,7 @@ from recbole_mm.errors import ConfigError
 
 logger = getLogger(__name__)
 
-CONTENT_MODELS = ("PRIME", "VLM4Rec")
+CONTENT_MODELS = ("PRIME", "MLLM4Rec", "VLM4Rec")
 
 
 class PreflightError(ConfigError):
@@ -150,7 +150,7 @@ def preflight(config) -> list[str]:
         if config["dataset"] != "ml-100k" or os.path.isfile(os.path.join(config["data_path"], "ml-100k.inter")):
             check_side_file(config)
             checked.append("side file")
-    if model == "PRIME":
+    if model in ("PRIME", "MLLM4Rec"):  # the same two first stages
         ckpt = config["retriever_checkpoint"]
         if ckpt and not os.path.isfile(ckpt):
             raise PreflightError(f"retriever_checkpoint={ckpt} does not exist; give the .pth file a previous run "

@@ -455,17 +455,18 @@ def place(backbone: Backbone, device) -> Backbone:
     return backbone
 
 
-def build_backbone(config, store, device="cpu", text_only: bool = False) -> Backbone:
+def build_backbone(config, store, device="cpu", text_only: bool = False, **overrides) -> Backbone:
     """A run's backbone with LoRA, on ``device``: ``ranker_model`` resolved
     (:func:`resolve_backbone_name`), loaded with :meth:`BackboneSettings.from_config`, placed by
     :func:`place`. ``text_only``: ``small`` is the tiny text-only causal LM.
 
     The seed is set again (``seed``, ``reproducibility``) right before loading, so that LoRA's
     initial weights (and the training after them) depend on the stage's settings only, not on
-    whether an earlier stage trained or the small model was built in this process.
+    whether an earlier stage trained or the small model was built in this process. ``overrides``
+    replace :class:`BackboneSettings` fields (e.g. MLLM4Rec's ``lora_targets``).
     """
     from recbole.utils import init_seed
 
     name = resolve_backbone_name(config, store, text_only)
     init_seed(config["seed"], config["reproducibility"])
-    return place(load_backbone(BackboneSettings.from_config(config, name_or_path=name)), device)
+    return place(load_backbone(BackboneSettings.from_config(config, **{"name_or_path": name, **overrides})), device)

@@ -425,3 +425,104 @@ def loss_newline(name: str) -> bool:
     if name not in LOSS_TOKENS:
         raise ConfigError(f"ranker_loss_tokens={name!r}: choose letter_end or letter_end_newline")
     return name == "letter_end_newline"
+
+
+# ----------------------------------------------------------------------------------------------
+# MLLM4Rec's role-play prompt (MLLM4Rec Fig. 2 / Sec. 3.5)
+
+DEFAULT_ROLE = "You are a helpful recommendation assistant."
+# the paper's Fig. 3 instruction, split into the format explanation and the request
+ROLE_PLAY_FORMAT = ("I will provide you with the {domain}s you have previously browsed in chronological order, a "
+                    "candidate pool, and a vision description of each {domain}, in the format \"title : caption\" "
+                    "(the title alone when there is no caption).")
+ROLE_PLAY_INSTRUCTION = "Recommend one {domain} from the candidate pool with its index letter. Answer with the letter only."
+CAPTION_SOURCES = ("generated", "none")  # or the name of an item field (e.g. H&M 'description')
+
+
+def role_line(role_play, dataset: str | None) -> str:
+    """The opening role line of a dataset: ``role_play`` is a string (every dataset), a dict
+    ``{dataset name: line, "default": line}`` or ``None`` (the neutral :data:`DEFAULT_ROLE`)."""
+    if role_play is None:
+        return DEFAULT_ROLE
+    if isinstance(role_play, str):
+        return role_play
+    if isinstance(role_play, dict):
+        return str(role_play.get(dataset) or role_play.get("default") or DEFAULT_ROLE)
+    raise ConfigError(f"role_play={role_play!r}: give a string or a dict {{dataset name: role line, default: line}}")
+
+
+def _one_line(text: str) -> str:
+    """Newlines and control characters become spaces: an item never starts a new prompt line."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+class RolePlayTemplate:
+    """MLLM4Rec's text-only template: a role line, the format explanation, the history as
+    ``title : caption`` lines (oldest first, the last ``max_history``), the candidates lettered
+    ``(A)``, ``(B)``, ... and the instruction; the answer is the letter and the end-of-turn token.
+
+    ``caption_field``: the item attribute that holds the caption (``caption``: the describer's
+    ``--tag=captions`` cache merged by the item store; ``description``: H&M's own text; ``None``:
+    titles only). Title and caption are each cut to ``attr_max_tokens`` tokens, newlines and control
+    characters become spaces, and special-token strings are defused (as in :func:`build_prompt`).
+    """
+
+    def __init__(self, settings: PromptSettings | None = None, role: str = DEFAULT_ROLE,
+                 caption_field: str | None = "caption"):
+        self.settings = settings if settings is not None else PromptSettings()
+        self.role, self.caption_field = role, caption_field
+
+    @classmethod
+    def from_config(cls, config) -> "RolePlayTemplate":
+        """The template of a run: ``caption_source`` (generated | <item field> | none), ``role_play``
+        for ``dataset``, the prompt limits of :meth:`PromptSettings.from_config`."""
+        source = config["caption_source"]
+        if not source or not isinstance(source, str):
+            raise ConfigError(f"caption_source={source!r}: choose generated, none or an item field name")
+        field_name = {"generated": "caption", "none": None}.get(source, source)
+        return cls(PromptSettings.from_config(config, variant="title_only"), role_line(config["role_play"],
+                                                                                        config["dataset"]), field_name)
+
+    @property
+    def use_images(self) -> bool:
+        return False
+
+    def labels(self, k: int) -> list[str]:
+        return index_letters(k)
+
+    def item_text(self, item: dict, tokenizer=None, specials: Sequence[str] = ()) -> str:
+        """``title : caption`` of one item (the title alone without a caption)."""
+        attributes = item.get("attributes") or {}
+
+        def shown(name):
+            value = _value_text(attributes.get(name)) if name else None
+            if value is None:
+                return ""
+            return _defuse(_one_line(truncate_tokens(tokenizer, _one_line(str(value)), self.settings.attr_max_tokens)),
+                           specials)
+
+        title, caption = shown("title") or "(untitled)", shown(self.caption_field)
+        return f"{title} : {caption}" if caption else title
+
+    def render(self, history, candidates, tokenizer=None) -> Prompt:
+        specials = _special_strings(tokenizer)
+        letters = index_letters(len(candidates))
+        n = self.settings.max_history
+        shown = list(history)[-n:] if n else []
+        domain = self.settings.domain
+        lines = [self.role, ROLE_PLAY_FORMAT.replace("{domain}", domain), ""]
+        if shown:
+            lines += ["Previously browsed:", *(self.item_text(i, tokenizer, specials) for i in shown), ""]
+        lines += ["Candidate pool:", *(f"({a}) {self.item_text(i, tokenizer, specials)}" for a, i in zip(letters, candidates)),
+                  "", ROLE_PLAY_INSTRUCTION.replace("{domain}", domain)]
+        text = "\n".join(lines)
+        return Prompt(messages=[{"role": "user", "content": [{"type": "text", "text": text}]}], images=[],
+                      letters=letters, parts=[text])
+
+    def response(self, label: str, tokenizer) -> str:
+        from recbole_mm.lmm.verbalizer import response_text
+
+        return response_text(tokenizer, label)
+
+    def response_tokens(self, prompt_text: str, full_text: str, tokenizer) -> int:
+        return 2  # the letter and the end-of-turn token, as PRIME's letter_end

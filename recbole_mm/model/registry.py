@@ -13,6 +13,7 @@ from recbole_mm.errors import ConfigError, UserError
 MODELS = {
     "ALMOSTREC": "recbole_mm.model.almostrec",
     "LRURec": "recbole_mm.model.lrurec",
+    "MLLM4Rec": "recbole_mm.model.mllm4rec",
     "PRIME": "recbole_mm.model.prime",
     "VLM4Rec": "recbole_mm.model.vlm4rec",
 }
