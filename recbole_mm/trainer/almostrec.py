@@ -11,17 +11,13 @@ import torch
 from recbole.trainer import Trainer
 
 from recbole_mm.files import dataset_fingerprint, fingerprint
-from recbole_mm.trainer.checkpoint import atomic_save, checkpoint_entries, load_model_state, plain_config, safe_load
+from recbole_mm.lmm.candidate_ranker import ndcg_at
+from recbole_mm.trainer.checkpoint import plain_config, safe_load
+from recbole_mm.trainer.ranker_training import lora_state
 from recbole_mm.trainer.stage_store import EVALUATION_ONLY_KEYS, StageStore
 from recbole_mm.trainer.tracking import peak_memory_mb
 
 logger = getLogger(__name__)
-
-
-def ndcg10(scores: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    """NDCG@10 of each row's answer under ``scores`` (ties count against the answer)."""
-    rank = (scores > scores.gather(1, answers.view(-1, 1))).sum(1)
-    return torch.where(rank < 10, 1.0 / torch.log2(rank.float() + 2), torch.zeros_like(rank, dtype=torch.float))
 
 
 class ALMOSTRECTrainer(Trainer):
@@ -44,7 +40,7 @@ class ALMOSTRECTrainer(Trainer):
 
     def train_base(self) -> str:
         """Stage 1: train (or load) the embedding model; its weights go into ``model.base``."""
-        from recbole_mm.trainer.standalone import train_and_test
+        from recbole_mm.trainer.standalone import sub_model_stage
 
         started = time.perf_counter()
         bconf = self.model.base_config
@@ -52,25 +48,14 @@ class ALMOSTRECTrainer(Trainer):
         key = fingerprint("base", bconf["model"], settings, self.config["almost_base_checkpoint"],
                           dataset_fingerprint(bconf))
 
-        def compute(folder):
-            path = str(folder / "base.pth")
-            ckpt = self.config["almost_base_checkpoint"]
-            if ckpt:
-                state = checkpoint_entries(safe_load(ckpt, map_location="cpu"), ckpt)["state_dict"]
-                load_model_state(self.model.base, state, ckpt)
-                atomic_save(state, path)
-                return {"loaded_from": ckpt}
-            self.logger.info(f"[ALMOSTREC] stage base: training {bconf['model']}")
-            result, _, _ = train_and_test(bconf, saved=True)
-            atomic_save(safe_load(result["saved_model_file"], map_location="cpu")["state_dict"], path)
-            return {k: result.get(k) for k in ("best_valid_result", "test_result", "epochs_run", "best_epoch",
-                                               "time_per_epoch_s", "total_time_s")}
-
+        compute = sub_model_stage(bconf, self.model.base, self.config["almost_base_checkpoint"], "base.pth",
+                                  "[ALMOSTREC] stage base:")
         info, reused = self.stages.run("base", key, compute)
         path = self.stages.folder("base", key) / "base.pth"
         self.model.base.load_state_dict(safe_load(str(path), map_location=self.device))
         self.model.base.requires_grad_(False)
-        self._stage("base", started, key=key, **({"reused": True} if reused else info))
+        shown = {"reused": True} if reused else {k: v for k, v in info.items() if k != "epoch_log"}
+        self._stage("base", started, key=key, **shown)
         return key
 
     @staticmethod
@@ -128,12 +113,12 @@ class ALMOSTRECTrainer(Trainer):
             part = Interaction({k: v[s:s + bs] for k, v in rows.items()}).to(self.device)
             scores = m.full_sort_predict(part)
             scores[:, 0] = -torch.inf
-            total += float(ndcg10(scores, part[m.POS_ITEM_ID]).sum())
+            total += float(ndcg_at(scores, part[m.POS_ITEM_ID]).sum())
         m.train()
         return {"valid_ndcg@10": total / max(1, n)}
 
     def weights(self) -> dict:
-        return {k: p.detach().cpu().clone() for k, p in self.model.named_parameters() if p.requires_grad}
+        return lora_state(self.model)  # every trainable tensor: LoRA, W_B, W_T
 
     def load_weights(self, weights: dict) -> None:
         params = dict(self.model.named_parameters())

@@ -12,7 +12,7 @@ from recbole.utils import init_seed
 
 from recbole_mm.files import dataset_fingerprint, fingerprint
 from recbole_mm.lmm.defaults import LMM_BASE, model_yaml, shipped_defaults
-from recbole_mm.trainer.checkpoint import atomic_save, checkpoint_entries, load_model_state, plain_config, safe_load
+from recbole_mm.trainer.checkpoint import atomic_save, plain_config, safe_load
 from recbole_mm.trainer.preference import PreferenceTrainer
 from recbole_mm.trainer.ranker_training import RankerExamples, RankerTrainer, ranked_ndcg
 from recbole_mm.trainer.stage_store import EVALUATION_ONLY_KEYS, StageKeys, StageRule, StageStore
@@ -105,28 +105,15 @@ class PRIMETrainer(Trainer):
 
     def train_retriever(self):
         """Stage 1: train (or load) the retriever; returns the stage key."""
-        from recbole_mm.trainer.standalone import train_and_test
+        from recbole_mm.trainer.standalone import sub_model_stage
 
         started = time.perf_counter()
         rconf = self.model.retriever_config
         settings = {k: v for k, v in plain_config(rconf, external_only=True).items() if k not in EVALUATION_ONLY_KEYS}
         key = self.stage_key("retriever", rconf["model"], settings, dataset_fingerprint(rconf))
 
-        def compute(folder):
-            path = str(folder / "retriever.pth")
-            if self.config["retriever_checkpoint"]:
-                ckpt = self.config["retriever_checkpoint"]
-                state = checkpoint_entries(safe_load(ckpt, map_location="cpu"), ckpt)["state_dict"]
-                load_model_state(self.model.retriever, state, ckpt)  # a checkpoint of another model/dataset: one line
-                atomic_save(state, path)
-                return {"loaded_from": ckpt}
-            self.logger.info(f"[PRIME] stage retriever: training {rconf['model']}")
-            result, _, _ = train_and_test(rconf, saved=True)
-            atomic_save(safe_load(result["saved_model_file"], map_location="cpu")["state_dict"], path)
-            info = {k: result.get(k) for k in ("best_valid_result", "test_result", "epochs_run", "best_epoch",
-                                               "time_per_epoch_s", "total_time_s", "epoch_log")}
-            return {**info, "valid_metric": rconf["valid_metric"]}
-
+        compute = sub_model_stage(rconf, self.model.retriever, self.config["retriever_checkpoint"], "retriever.pth",
+                                  "[PRIME] stage retriever:")
         info, reused = self.stages.run("retriever", key, compute)
         path = self.stages.folder("retriever", key) / "retriever.pth"
         self.model.retriever.load_state_dict(safe_load(str(path), map_location=self.device))

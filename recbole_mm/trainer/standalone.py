@@ -74,3 +74,27 @@ def train_and_test(config, saved: bool, resume: str | None = None, verbose: bool
     logger.info(f"best valid : {result['best_valid_result']}")
     logger.info(f"test result: {result['test_result']}")
     return result, trainer, model
+
+
+def sub_model_stage(sub_config, sub_model, checkpoint: str | None, filename: str, tag: str):
+    """``compute(folder)`` for :meth:`~recbole_mm.trainer.stage_store.StageStore.run` of a stage that
+    provides a RecBole model of its own (PRIME's retriever, ALMOSTREC's embedding model): load
+    ``checkpoint`` into ``sub_model`` when given, else train ``sub_config`` as a standalone run
+    (:func:`train_and_test`); the weights go to ``folder/filename`` (weights only, atomic)."""
+    from recbole_mm.trainer.checkpoint import atomic_save, checkpoint_entries, load_model_state, safe_load
+
+    def compute(folder) -> dict:
+        path = str(folder / filename)
+        if checkpoint:
+            state = checkpoint_entries(safe_load(checkpoint, map_location="cpu"), checkpoint)["state_dict"]
+            load_model_state(sub_model, state, checkpoint)  # a checkpoint of another model/dataset: one line
+            atomic_save(state, path)
+            return {"loaded_from": checkpoint}
+        logger.info(f"{tag} training {sub_config['model']}")
+        result, _, _ = train_and_test(sub_config, saved=True)
+        atomic_save(safe_load(result["saved_model_file"], map_location="cpu")["state_dict"], path)
+        info = {k: result.get(k) for k in ("best_valid_result", "test_result", "epochs_run", "best_epoch",
+                                           "time_per_epoch_s", "total_time_s", "epoch_log")}
+        return {**info, "valid_metric": sub_config["valid_metric"]}
+
+    return compute
