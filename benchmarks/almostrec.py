@@ -4,11 +4,17 @@ test user); HR (= Recall, one answer per user) and NDCG @10/@20, train time per 
 time per user, peak memory.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/almostrec.py --data_path=dataset --datasets=ml-100k,hm
+    # the pretrained offline backbone for the ALMOSTREC rows, in files of their own:
+    python benchmarks/almostrec.py --datasets=ml-100k --rows "ALMOSTREC on SASRec" \
+        --set ranker_model=smollm2 --set almost_train_examples=1024 --tag smollm2
     python benchmarks/almostrec.py --smoke --out=/tmp/almost   # generated fixture, tiny caps (a test runs it)
 
 Each run is a subprocess (its own peak memory) in a scratch folder; results go to
 ``<out>/almostrec_<dataset>.md`` and ``.json``. ALMOSTREC runs use ``properties/preset/almostrec-cpu.yaml``
 (``--preset`` to change); its embedding-model stage is reused from ``<out>/artifacts`` across runs.
+The baseline rows are trained with the preset's ``almost_base_config`` caps, so that "SASRec alone" is
+the same training as the SASRec whose item table ALMOSTREC reads. ``--set key=value`` (a YAML value)
+overrides a setting of the ALMOSTREC rows; ``--rows`` picks rows by label; ``--tag`` names the files.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ import json
 import os
 import subprocess
 import sys
+import time
+
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ["recall@10", "ndcg@10", "recall@20", "ndcg@20"]
@@ -52,9 +61,23 @@ def smoke_overrides(data_path: str) -> dict:
             "almost_batch_size": 4, "almost_valid_every": 2, "almost_warmup_steps": 1}
 
 
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def git_commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
+
+
 def run_one(label, model, dataset, cfg, files, folder) -> dict:
     os.makedirs(folder, exist_ok=True)
     out = os.path.join(folder, "result.json")
+    load_before, started = loadavg(), time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _RUNNER, model, dataset, json.dumps(cfg), json.dumps(files), out],
                           cwd=folder, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
@@ -69,12 +92,15 @@ def run_one(label, model, dataset, cfg, files, folder) -> dict:
            "train_s_per_example": head.get("train_s_per_example"),
            "eval_s_per_user": (stages.get("evaluate") or {}).get("eval_s_per_user"),
            "time_per_epoch_s": result.get("time_per_epoch_s"),
-           "peak_rss_mb": result.get("peak_rss_mb"), "total_time_s": result.get("total_time_s")}
+           "peak_rss_mb": result.get("peak_rss_mb"), "total_time_s": result.get("total_time_s"),
+           "backbone": cfg.get("ranker_model", "small (preset)") if model == "ALMOSTREC" else "none",
+           "wall_s": time.perf_counter() - started, "load": f"{load_before} -> {loadavg()}"}
     return row
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["label", *METRICS, "train_s_per_example", "time_per_epoch_s", "eval_s_per_user", "peak_rss_mb", "total_time_s"]
+    cols = ["label", "backbone", *METRICS, "train_s_per_example", "time_per_epoch_s", "eval_s_per_user", "peak_rss_mb",
+            "total_time_s", "load"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
@@ -88,7 +114,19 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--preset", default=os.path.join(ROOT, "properties", "preset", "almostrec-cpu.yaml"))
     parser.add_argument("--smoke", action="store_true", help="generated fixture, tiny caps (machinery only)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting of the ALMOSTREC rows (YAML value), e.g. ranker_model=smollm2")
+    parser.add_argument("--rows", action="append", default=None, help="only the rows with this label (repeatable)")
+    parser.add_argument("--tag", default="", help="suffix of the result files, e.g. smollm2")
     args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. --set ranker_model=smollm2")
+        overrides[key] = yaml.safe_load(value)
+    with open(args.preset, encoding="utf-8") as f:
+        base_caps = (yaml.safe_load(f) or {}).get("almost_base_config") or {}
     os.makedirs(args.out, exist_ok=True)
     artifacts = os.path.abspath(os.path.join(args.out, "artifacts"))
     if args.smoke:
@@ -103,15 +141,24 @@ def main(argv=None) -> list[dict]:
     for dataset in datasets:
         rows = []
         for label, model, extra, preset in variants(args.smoke):
-            cfg = {**common, **extra, **({"artifacts_dir": artifacts} if model == "ALMOSTREC" else {})}
+            if args.rows and label not in args.rows:
+                continue
+            if model == "ALMOSTREC":
+                cfg = {**common, **extra, "artifacts_dir": artifacts, **overrides}
+            else:
+                cfg = {**common, **({} if args.smoke else base_caps), **extra}
             files = [args.preset] if preset else []
             folder = os.path.join(args.out, "almostrec_runs", dataset, label.replace(" ", "_"))
             rows.append(run_one(label, model, dataset, cfg, files, folder))
             print(json.dumps(rows[-1]), flush=True)
-        with open(os.path.join(args.out, f"almostrec_{dataset}.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-        with open(os.path.join(args.out, f"almostrec_{dataset}.md"), "w") as f:
-            f.write(f"# ALMOSTREC vs its embedding models on {dataset}\n\n{table(rows)}\n")
+        name = f"almostrec_{dataset}" + (f"_{args.tag}" if args.tag else "")
+        command = "python benchmarks/almostrec.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+            json.dump({"command": command, "commit": git_commit(), "rows": rows}, f, indent=1)
+        with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+            f.write(f"# ALMOSTREC vs its embedding models on {dataset}\n\nMade by `{command}` at commit "
+                    f"{git_commit()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+                    f"load = /proc/loadavg (1, 5, 15 min) before -> after each row.\n\n{table(rows)}\n")
         every += rows
     return every
 
