@@ -13,7 +13,10 @@ Each dataset is ``name:caption_source`` (``none``: the "with captions" row is le
 (MLLM4Rec Fig. 4). "Within-candidates NDCG@10" is NDCG@min(10, k) / Recall@k of the full ranking:
 the ranked candidates fill the top k, so this is the NDCG@10 of the answer among the k candidates
 over the users whose answer is a candidate (the retriever row: in the retriever's order). Results
-go to ``--out`` (default benchmarks/results/mllm4rec.{json,md}).
+go to ``--out`` (default benchmarks/results/mllm4rec{_TAG}.{json,md}). Every finished run is kept in
+``<out>/<stem>_runs.json`` keyed by its model, dataset and settings, so a rerun of an interrupted
+table skips what is done (the retriever checkpoint it names must still exist). Each row records its
+wall time and the machine's load (``/proc/loadavg`` before -> after).
 """
 
 from __future__ import annotations
@@ -46,12 +49,37 @@ def within_candidates_ndcg10(result: dict, k: int) -> float:
     return result[f"ndcg@{min(10, k)}"] / recall if recall else 0.0
 
 
+RUNS_FILE: str | None = None  # set by main(): the finished runs of this table
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def run(model: str, dataset: str, config: dict) -> dict:
+    from recbole_mm.files import write_json
     from recbole_mm.quick_start import run_recbole_mm
 
-    started = time.perf_counter()
+    key = json.dumps([model, dataset, config], sort_keys=True, default=str)
+    done = {}
+    if RUNS_FILE and os.path.isfile(RUNS_FILE):
+        with open(RUNS_FILE, encoding="utf-8") as f:
+            done = json.load(f)
+    if key in done and os.path.exists(done[key].get("saved_model_file") or ROOT):
+        print(f"reusing the finished run {model} on {dataset}", flush=True)
+        return done[key]
+    load_before, started = loadavg(), time.perf_counter()
     result = run_recbole_mm(model, dataset, config_dict=config)
+    result.pop("test_per_user", None)
     result["bench_wall_s"] = time.perf_counter() - started
+    result["bench_load"] = f"{load_before} -> {loadavg()}"
+    if RUNS_FILE:
+        done[key] = json.loads(json.dumps(result, default=str))
+        write_json(RUNS_FILE, done)
     return result
 
 
@@ -88,7 +116,7 @@ def bench_dataset(dataset: str, source: str, ks: list[int], base: dict) -> dict:
                                  "test": dict(result["retriever_test_result"])}
                 rows.append(retriever_row)
             rows.append({"dataset": dataset, "k": k, "ranking": label, "test": dict(result["test_result"]),
-                         "wall_s": result["bench_wall_s"],
+                         "wall_s": result["bench_wall_s"], "load": result["bench_load"],
                          "ranked_users": result["stages"].get("evaluate_test", {}).get("ranked_users")})
         for row in rows:
             if row["k"] == k:
@@ -97,13 +125,15 @@ def bench_dataset(dataset: str, source: str, ks: list[int], base: dict) -> dict:
 
 
 def table(results: dict, header: list[str]) -> str:
-    lines = [*header, "", "| dataset | k | ranking | " + " | ".join(METRICS) + " | within-cand. NDCG@10 |",
-             "|---|---|---|" + "---|" * (len(METRICS) + 1)]
+    lines = [*header, "", "| dataset | k | ranking | " + " | ".join(METRICS)
+             + " | within-cand. NDCG@10 | wall (s) | load before -> after |",
+             "|---|---|---|" + "---|" * (len(METRICS) + 3)]
     for dataset, res in results.items():
         for r in res["rows"]:
+            wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "(in the rows after it)"
             lines.append(f"| {dataset} | {r['k']} | {r['ranking']} | "
                          + " | ".join(f"{r['test'][m]:.4f}" for m in METRICS)
-                         + f" | {r['within_candidates_ndcg@10']:.4f} |")
+                         + f" | {r['within_candidates_ndcg@10']:.4f} | {wall} | {r.get('load', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -128,7 +158,9 @@ def main(argv=None) -> int:
     parser.add_argument("--candidates", nargs="+", type=int, default=[5, 10, 20])
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--smoke", action="store_true", help="the generated fixture, tiny settings, k 3 and 6")
+    parser.add_argument("--tag", default="", help="suffix of the result files, e.g. smollm2")
     args = parser.parse_args(argv)
+    global RUNS_FILE
     scratch = None
     base = preset_settings(args.preset)
     if args.smoke:
@@ -146,6 +178,9 @@ def main(argv=None) -> int:
         per_dataset.setdefault(scope, {})[key] = yaml.safe_load(value)
     if not args.datasets:
         parser.error("give datasets as name:caption_source, or --smoke")
+    stem = ("mllm4rec_smoke" if args.smoke else "mllm4rec") + (f"_{args.tag}" if args.tag else "")
+    os.makedirs(args.out, exist_ok=True)
+    RUNS_FILE = os.path.join(args.out, f"{stem}_runs.json")
     results = {}
     for spec in args.datasets:
         dataset, _, source = spec.partition(":")
@@ -155,9 +190,9 @@ def main(argv=None) -> int:
     header = ["# MLLM4Rec vs LRURec and PRIME's text prompt (one retriever checkpoint per dataset)", "",
               "Made by `python benchmarks/mllm4rec.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`. "
               "Test metrics, full ranking over all items (RecBole's evaluator). Backbone: "
-              f"`{base.get('ranker_model', 'see MLLM4Rec.yaml')}`."]
-    os.makedirs(args.out, exist_ok=True)
-    stem = "mllm4rec_smoke" if args.smoke else "mllm4rec"
+              f"`{config.get('ranker_model', 'see MLLM4Rec.yaml')}`; preset `{args.preset}`; "
+              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. 'wall' is the whole run (retriever "
+              "checkpoint loaded, ranker stage, validation and test evaluation)."]
     with open(os.path.join(args.out, f"{stem}.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, default=str)
     text = table(results, header)

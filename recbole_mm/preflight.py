@@ -106,6 +106,32 @@ def check_side_file(config) -> None:
                             f"those items have no image")
 
 
+def check_caption_source(config) -> None:
+    """MLLM4Rec's ``caption_source`` can be met before anything trains: ``generated`` needs the
+    describer's ``captions`` cache, an item field must be a key of at least one item's side record."""
+    from recbole_mm.paths import description_dir
+
+    source, name, folder = config["caption_source"], config["dataset"], Path(config["data_path"])
+    if source in (None, "", "none"):
+        return
+    if source == "generated":
+        cache = Path(description_dir(config, "captions")) / f"{name}.captions.jsonl"
+        if not cache.is_file() or cache.stat().st_size == 0:
+            raise PreflightError(f"caption_source=generated, but there is no caption cache at {cache}; write it with "
+                                 f"`python -m recbole_mm.lmm.describer --dataset={name} --data_path={folder} "
+                                 f"--tag=captions`, or use caption_source: none or an item field")
+        return
+    side = folder / f"{name}.items.jsonl"
+    if not side.is_file():
+        return  # check_side_file names what is missing; the atomic .item file is checked when loaded
+    key = f'"{source}"'
+    with open(side, encoding="utf-8") as f:
+        if any(key in line for line in f):
+            return
+    raise PreflightError(f"caption_source={source!r}: no item of {side} has a {source!r} field; choose an "
+                         f"existing field, generated (the describer's captions) or none")
+
+
 def check_writable(folder: str | os.PathLike, key: str) -> None:
     """``folder`` (config key ``key``) can be created and written, and is not inside an installed package."""
     from recbole_mm.paths import inside_installed_package
@@ -158,6 +184,9 @@ def preflight(config) -> list[str]:
         if config["ranker_model"] != "small":
             check_pretrained(config["ranker_model"], "ranker_model", trust)
         checked += ["artifacts_dir", "ranker_model"]
+        if model == "MLLM4Rec":
+            check_caption_source(config)
+            checked.append("caption_source")
     elif model == "VLM4Rec":
         from recbole_mm.paths import embedding_cache_dir
 

@@ -204,6 +204,9 @@ def test_benchmark_smoke_shares_one_retriever_checkpoint(tmp_path):
         expected = r["test"][f"ndcg@{min(10, k)}"] / r["test"][f"recall@{k}"] if r["test"][f"recall@{k}"] else 0.0
         assert r["within_candidates_ndcg@10"] == pytest.approx(expected)
     assert "| mmfix | 6 | MLLM4Rec, captions = generated |" in (tmp_path / "mllm4rec_smoke.md").read_text()
+    # every finished run is kept (the retriever and 2 x 3 ranker rows), with its wall time and load
+    runs = json.loads((tmp_path / "mllm4rec_smoke_runs.json").read_text())
+    assert len(runs) == 7 and all(r["bench_wall_s"] > 0 and "->" in r["bench_load"] for r in runs.values())
 
 
 def test_preflight_checks_the_retriever_checkpoint_before_anything_trains(tiny_dataset, tmp_path):
@@ -228,3 +231,19 @@ def test_a_saved_run_evaluates_and_recommends_again_with_the_role_play_ranker(ti
     assert {k: again[k] for k in result["test_result"]} == pytest.approx(result["test_result"])
     (first,) = recommend(result["saved_model_file"], users=["u0001"], k=3)
     assert len(first["items"]) == 3
+
+
+def test_preflight_checks_the_caption_source_before_anything_trains(tiny_dataset, tmp_path):
+    from recbole_mm.preflight import PreflightError
+    from recbole_mm.quick_start import run_recbole_mm
+
+    data_path, name = tiny_dataset
+    cfg = _mllm4rec_config(data_path, tmp_path, caption_source="no_such_field")
+    with pytest.raises(PreflightError, match=r"caption_source='no_such_field': no item of .*items.jsonl"):
+        run_recbole_mm("MLLM4Rec", name, config_dict=cfg)
+    empty = tmp_path / "no_captions"
+    empty.mkdir()
+    cfg = _mllm4rec_config(data_path, tmp_path, caption_source="generated", description_dir=str(empty))
+    with pytest.raises(PreflightError, match=r"no caption cache at .*no_captions.*recbole_mm.lmm.describer"):
+        run_recbole_mm("MLLM4Rec", name, config_dict=cfg)
+    assert not os.path.exists(tmp_path / "artifacts")

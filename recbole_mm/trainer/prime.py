@@ -96,7 +96,7 @@ class PRIMETrainer(Trainer):
     def _stage(self, name: str, started: float, **info):
         entry = {"wall_s": time.perf_counter() - started, **peak_memory_mb(), **info}
         self.stage_log[name] = entry
-        self.logger.info(f"[PRIME] stage {name}: {json.dumps(entry, default=str)}")
+        self.logger.info(f"[{self.config['model']}] stage {name}: {json.dumps(entry, default=str)}")
 
     def stage_key(self, stage: str, *parts) -> str:
         """Fingerprint of ``stage``: its settings by rule (:attr:`stage_keys`), the data, ``parts``
@@ -113,7 +113,7 @@ class PRIMETrainer(Trainer):
         key = self.stage_key("retriever", rconf["model"], settings, dataset_fingerprint(rconf))
 
         compute = sub_model_stage(rconf, self.model.retriever, self.config["retriever_checkpoint"], "retriever.pth",
-                                  "[PRIME] stage retriever:")
+                                  f"[{self.config['model']}] stage retriever:")
         info, reused = self.stages.run("retriever", key, compute)
         path = self.stages.folder("retriever", key) / "retriever.pth"
         self.model.retriever.load_state_dict(safe_load(str(path), map_location=self.device))
@@ -285,8 +285,8 @@ class PRIMETrainer(Trainer):
                                                               show_progress=show_progress)
         self._mode, self._ranked_rows = "composed", 0  # RecBole's evaluate shows the tqdm bar (show_progress)
         result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-        self.logger.info(f"[PRIME] {self._phase}: retriever alone {dict(self.retriever_results[self._phase])}")
-        self.logger.info(f"[PRIME] {self._phase}: retriever + ranker {dict(result)}")
+        self.logger.info(f"[{self.config['model']}] {self._phase}: retriever alone {dict(self.retriever_results[self._phase])}")
+        self.logger.info(f"[{self.config['model']}] {self._phase}: retriever + ranker {dict(result)}")
         self._stage(f"evaluate_{self._phase}", started, ranked_users=self._ranked_rows)
         return result
 
