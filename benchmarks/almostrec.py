@@ -12,9 +12,12 @@ time per user, peak memory.
 Each run is a subprocess (its own peak memory) in a scratch folder; results go to
 ``<out>/almostrec_<dataset>.md`` and ``.json``. ALMOSTREC runs use ``properties/preset/almostrec-cpu.yaml``
 (``--preset`` to change); its embedding-model stage is reused from ``<out>/artifacts`` across runs.
-The baseline rows are trained with the preset's ``almost_base_config`` caps, so that "SASRec alone" is
-the same training as the SASRec whose item table ALMOSTREC reads. ``--set key=value`` (a YAML value)
-overrides a setting of the ALMOSTREC rows; ``--rows`` picks rows by label; ``--tag`` names the files.
+The baseline rows are trained with the preset's ``almost_base_config`` caps, and "ALMOSTREC on SASRec"
+reads the SASRec row's checkpoint (``almost_base_checkpoint``), so "SASRec alone" IS the model whose
+item table ALMOSTREC reads. ``--set key=value`` (a YAML value) overrides a setting of the ALMOSTREC
+rows, ``--all key=value`` one of every row (e.g. ``MAX_ITEM_LIST_LENGTH=20``); ``--rows`` picks rows by
+label; ``--tag`` names the files. A row whose folder already holds the result of the same settings
+is reused, so an interrupted table resumes.
 """
 
 from __future__ import annotations
@@ -76,7 +79,14 @@ def git_commit() -> str:
 
 def run_one(label, model, dataset, cfg, files, folder) -> dict:
     os.makedirs(folder, exist_ok=True)
-    out = os.path.join(folder, "result.json")
+    out, done = os.path.join(folder, "result.json"), os.path.join(folder, "row.json")
+    settings = {"model": model, "dataset": dataset, "config": cfg, "files": files}
+    if os.path.isfile(done):
+        with open(done) as f:
+            previous = json.load(f)
+        if previous.get("settings") == json.loads(json.dumps(settings)):
+            print(f"reusing {label} on {dataset} ({done})", flush=True)
+            return previous["row"]
     load_before, started = loadavg(), time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _RUNNER, model, dataset, json.dumps(cfg), json.dumps(files), out],
                           cwd=folder, capture_output=True, text=True,
@@ -94,7 +104,14 @@ def run_one(label, model, dataset, cfg, files, folder) -> dict:
            "time_per_epoch_s": result.get("time_per_epoch_s"),
            "peak_rss_mb": result.get("peak_rss_mb"), "total_time_s": result.get("total_time_s"),
            "backbone": cfg.get("ranker_model", "small (preset)") if model == "ALMOSTREC" else "none",
-           "wall_s": time.perf_counter() - started, "load": f"{load_before} -> {loadavg()}"}
+           "wall_s": time.perf_counter() - started, "load": f"{load_before} -> {loadavg()}",
+           "saved_model_file": os.path.join(folder, result["saved_model_file"]) if result.get("saved_model_file") else None,
+           "best_epoch": result.get("best_epoch"), "epochs_run": result.get("epochs_run"),
+           "base_checkpoint": cfg.get("almost_base_checkpoint")}
+    tmp = done + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"settings": settings, "row": row}, f, indent=1, default=str)
+    os.replace(tmp, done)
     return row
 
 
@@ -107,6 +124,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def parse_settings(items: list[str], flag: str) -> dict:
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} {item!r}: write KEY=VALUE, e.g. {flag} ranker_model=smollm2")
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_path", default=os.path.join(ROOT, "dataset"))
@@ -116,15 +143,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--smoke", action="store_true", help="generated fixture, tiny caps (machinery only)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting of the ALMOSTREC rows (YAML value), e.g. ranker_model=smollm2")
+    parser.add_argument("--all", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting of every row (YAML value), e.g. MAX_ITEM_LIST_LENGTH=20")
     parser.add_argument("--rows", action="append", default=None, help="only the rows with this label (repeatable)")
     parser.add_argument("--tag", default="", help="suffix of the result files, e.g. smollm2")
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. --set ranker_model=smollm2")
-        overrides[key] = yaml.safe_load(value)
+    overrides, every_row = parse_settings(args.set, "--set"), parse_settings(args.all, "--all")
     with open(args.preset, encoding="utf-8") as f:
         base_caps = (yaml.safe_load(f) or {}).get("almost_base_config") or {}
     os.makedirs(args.out, exist_ok=True)
@@ -139,17 +163,24 @@ def main(argv=None) -> list[dict]:
         datasets, common = args.datasets.split(","), {"data_path": os.path.abspath(args.data_path), "topk": [10, 20]}
     every = []
     for dataset in datasets:
-        rows = []
+        rows, checkpoints = [], {}
         for label, model, extra, preset in variants(args.smoke):
             if args.rows and label not in args.rows:
                 continue
             if model == "ALMOSTREC":
-                cfg = {**common, **extra, "artifacts_dir": artifacts, **overrides}
+                cfg = {**common, **every_row, **extra, "artifacts_dir": artifacts, **overrides}
+                base_row = checkpoints.get(extra["almost_base_model"])
+                if base_row:  # the baseline row's own model: "SASRec alone" is the table ALMOSTREC reads
+                    cfg["almost_base_checkpoint"] = base_row
+                    if not args.smoke:
+                        cfg["almost_base_config"] = {**base_caps, **every_row}
             else:
-                cfg = {**common, **({} if args.smoke else base_caps), **extra}
+                cfg = {**common, **({} if args.smoke else base_caps), **every_row, **extra}
             files = [args.preset] if preset else []
             folder = os.path.join(args.out, "almostrec_runs", dataset, label.replace(" ", "_"))
             rows.append(run_one(label, model, dataset, cfg, files, folder))
+            if model != "ALMOSTREC" and rows[-1]["saved_model_file"]:
+                checkpoints[model] = rows[-1]["saved_model_file"]
             print(json.dumps(rows[-1]), flush=True)
         name = f"almostrec_{dataset}" + (f"_{args.tag}" if args.tag else "")
         command = "python benchmarks/almostrec.py " + " ".join(argv if argv is not None else sys.argv[1:])

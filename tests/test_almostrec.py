@@ -154,6 +154,9 @@ def test_benchmark_smoke_writes_the_table(tmp_path):
         assert 0 <= r["ndcg@10"] <= r["ndcg@20"] <= 1 and r["recall@10"] <= r["recall@20"]
         assert r["peak_rss_mb"] > 0
     assert all(r["train_s_per_example"] > 0 and r["eval_s_per_user"] > 0 for r in rows[3:])
+    # ALMOSTREC on X reads the X row's own checkpoint, so "X alone" is the table it projects
+    assert [r["base_checkpoint"] for r in rows[3:]] == [rows[0]["saved_model_file"], rows[1]["saved_model_file"]]
+    assert all(os.path.isfile(r["saved_model_file"]) for r in rows[:3])
     text = (tmp_path / "bench" / "almostrec_mmfix.md").read_text()
     assert "ALMOSTREC on GRU4Rec" in text and "ndcg@20" in text
 
