@@ -15,8 +15,9 @@ Each run is a subprocess (its own peak memory) in a scratch folder; results go t
 The baseline rows are trained with the preset's ``almost_base_config`` caps, and "ALMOSTREC on SASRec"
 reads the SASRec row's checkpoint (``almost_base_checkpoint``), so "SASRec alone" IS the model whose
 item table ALMOSTREC reads. ``--set key=value`` (a YAML value) overrides a setting of the ALMOSTREC
-rows, ``--all key=value`` one of every row (e.g. ``MAX_ITEM_LIST_LENGTH=20``); ``--rows`` picks rows by
-label; ``--tag`` names the files. A row whose folder already holds the result of the same settings
+rows, ``--all key=value`` one of every row (e.g. ``MAX_ITEM_LIST_LENGTH=20``); ``--rows`` picks ALMOSTREC
+rows by label (the baseline rows always run or are reused); ``--tag`` names the files and the
+ALMOSTREC rows' folders. A row whose folder already holds the result of the same settings
 is reused, so an interrupted table resumes.
 """
 
@@ -165,8 +166,8 @@ def main(argv=None) -> list[dict]:
     for dataset in datasets:
         rows, checkpoints = [], {}
         for label, model, extra, preset in variants(args.smoke):
-            if args.rows and label not in args.rows:
-                continue
+            if args.rows and label not in args.rows and model == "ALMOSTREC":
+                continue  # baseline rows always run (or are reused): ALMOSTREC rows read their checkpoints
             if model == "ALMOSTREC":
                 cfg = {**common, **every_row, **extra, "artifacts_dir": artifacts, **overrides}
                 base_row = checkpoints.get(extra["almost_base_model"])
@@ -177,7 +178,8 @@ def main(argv=None) -> list[dict]:
             else:
                 cfg = {**common, **({} if args.smoke else base_caps), **every_row, **extra}
             files = [args.preset] if preset else []
-            folder = os.path.join(args.out, "almostrec_runs", dataset, label.replace(" ", "_"))
+            tagged = f"_{args.tag}" if args.tag and model == "ALMOSTREC" else ""
+            folder = os.path.join(args.out, "almostrec_runs", dataset, label.replace(" ", "_") + tagged)
             rows.append(run_one(label, model, dataset, cfg, files, folder))
             if model != "ALMOSTREC" and rows[-1]["saved_model_file"]:
                 checkpoints[model] = rows[-1]["saved_model_file"]

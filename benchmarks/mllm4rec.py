@@ -91,7 +91,7 @@ def preset_settings(name: str | None) -> dict:
     return load_yaml_file(resolve_config_file(name)) or {}
 
 
-def bench_dataset(dataset: str, source: str, ks: list[int], base: dict) -> dict:
+def bench_dataset(dataset: str, source: str, ks: list[int], base: dict, with_prime: bool = True) -> dict:
     """Every row of one dataset; returns ``{"rows": [...], "retriever_checkpoint": path}``."""
     topk = sorted({5, 10, *ks})
     common = {**base, "topk": topk, "prompt_domain": DOMAINS.get(dataset, "item"), "show_progress": False}
@@ -106,8 +106,9 @@ def bench_dataset(dataset: str, source: str, ks: list[int], base: dict) -> dict:
         if source != "none":
             variants.append(("MLLM4Rec", f"MLLM4Rec, captions = {source}", {"caption_source": source}))
         variants.append(("MLLM4Rec", "MLLM4Rec, titles only (captions none)", {"caption_source": "none"}))
-        variants.append(("PRIME", "PRIME text prompt (JSON, no image), no stage 3",
-                         {"prompt_variant": "no_image", "preference_optimization": False}))
+        if with_prime:
+            variants.append(("PRIME", "PRIME text prompt (JSON, no image), no stage 3",
+                             {"prompt_variant": "no_image", "preference_optimization": False}))
         retriever_row = None
         for model, label, extra in variants:
             result = run(model, dataset, {**shared, **extra})
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--smoke", action="store_true", help="the generated fixture, tiny settings, k 3 and 6")
     parser.add_argument("--tag", default="", help="suffix of the result files, e.g. smollm2")
+    parser.add_argument("--no_prime", action="store_true", help="leave out the PRIME text-prompt rows")
     args = parser.parse_args(argv)
     global RUNS_FILE
     scratch = None
@@ -186,7 +188,7 @@ def main(argv=None) -> int:
         dataset, _, source = spec.partition(":")
         ks = sorted(set(args.candidates)) if dataset == args.sensitivity else [max(args.candidates)]
         config = {**base, **per_dataset.get("", {}), **per_dataset.get(dataset, {})}
-        results[dataset] = bench_dataset(dataset, source or "none", ks, config)
+        results[dataset] = bench_dataset(dataset, source or "none", ks, config, with_prime=not args.no_prime)
     header = ["# MLLM4Rec vs LRURec and PRIME's text prompt (one retriever checkpoint per dataset)", "",
               "Made by `python benchmarks/mllm4rec.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`. "
               "Test metrics, full ranking over all items (RecBole's evaluator). Backbone: "
