@@ -78,6 +78,18 @@ def git_commit() -> str:
     return proc.stdout.strip() or "unknown"
 
 
+def backbone_name(cfg: dict, files: list[str]) -> str:
+    """The LMM an ALMOSTREC row ran with: its own setting, else its preset's, else ALMOSTREC.yaml's."""
+    if "ranker_model" in cfg:
+        return str(cfg["ranker_model"])
+    for name in reversed(files):
+        with open(name, encoding="utf-8") as f:
+            value = (yaml.safe_load(f) or {}).get("ranker_model")
+        if value:
+            return f"{value} ({os.path.basename(name)})"
+    return "ALMOSTREC.yaml default"
+
+
 def run_one(label, model, dataset, cfg, files, folder) -> dict:
     os.makedirs(folder, exist_ok=True)
     out, done = os.path.join(folder, "result.json"), os.path.join(folder, "row.json")
@@ -104,7 +116,7 @@ def run_one(label, model, dataset, cfg, files, folder) -> dict:
            "eval_s_per_user": (stages.get("evaluate") or {}).get("eval_s_per_user"),
            "time_per_epoch_s": result.get("time_per_epoch_s"),
            "peak_rss_mb": result.get("peak_rss_mb"), "total_time_s": result.get("total_time_s"),
-           "backbone": cfg.get("ranker_model", "small (preset)") if model == "ALMOSTREC" else "none",
+           "backbone": backbone_name(cfg, files) if model == "ALMOSTREC" else "none",
            "wall_s": time.perf_counter() - started, "load": f"{load_before} -> {loadavg()}",
            "saved_model_file": os.path.join(folder, result["saved_model_file"]) if result.get("saved_model_file") else None,
            "best_epoch": result.get("best_epoch"), "epochs_run": result.get("epochs_run"),
@@ -150,6 +162,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tag", default="", help="suffix of the result files, e.g. smollm2")
     args = parser.parse_args(argv)
     overrides, every_row = parse_settings(args.set, "--set"), parse_settings(args.all, "--all")
+    if not os.path.isfile(args.preset):  # a shipped preset's name, e.g. almostrec-smollm
+        from recbole_mm.config import resolve_config_file
+
+        args.preset = resolve_config_file(args.preset)
+    args.preset = os.path.abspath(args.preset)  # the runs' working folders are their own
     with open(args.preset, encoding="utf-8") as f:
         base_caps = (yaml.safe_load(f) or {}).get("almost_base_config") or {}
     os.makedirs(args.out, exist_ok=True)
