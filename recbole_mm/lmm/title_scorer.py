@@ -90,7 +90,7 @@ class TitleScorer:
         k, device = len(titles), self.device
         out = self.model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-        cache = out.past_key_values
+        cache = getattr(out, self._cache_arg)
         lengths = torch.tensor([len(t) for t in titles], device=device)
         width = int(lengths.max())
         ids = torch.full((k, width), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
@@ -140,3 +140,9 @@ class TitleScorer:
         LM's loss on the response tokens)."""
         sums, lengths = self.candidate_log_likelihoods(histories, candidates, answers.view(-1, 1))
         return -sums.sum() / lengths.sum()
+
+    def loss(self, histories: list[list[int]], candidates: torch.Tensor, answer_pos: torch.Tensor) -> torch.Tensor:
+        """:meth:`nll` of each row's answer (``candidates[row, answer_pos]``), the signature of
+        :meth:`LMMRanker.loss` that PRIME's ranker stage trains through."""
+        answers = candidates.gather(1, answer_pos.view(-1, 1).long()).view(-1)
+        return self.nll(histories, candidates, answers)
