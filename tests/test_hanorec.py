@@ -221,3 +221,42 @@ def test_bad_settings_are_one_line_errors(tiny_dataset, tmp_path):
         run_recbole_mm(model="HaNoRec", dataset=name, config_dict=_config(data_path, tmp_path, hanorec_stages="dpo"))
     with pytest.raises(UserError, match="hanorec_history_cap=6"):
         run_recbole_mm(model="HaNoRec", dataset=name, config_dict=_config(data_path, tmp_path, hanorec_history_cap=6))
+
+
+# ------------------------------------------------------------------------------- benchmark
+def _bench():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "hanorec.py")
+    spec = importlib.util.spec_from_file_location("hanorec_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_truncate_keeps_each_users_last_interactions(tmp_path):
+    src = tmp_path / "src" / "toy"
+    src.mkdir(parents=True)
+    rows = [("u1", f"i{t}", t) for t in (5, 1, 3, 2, 4)] + [("u2", "i9", 0), ("u2", "i8", 0), ("u2", "i7", 1)]
+    (src / "toy.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n"
+                                   + "".join(f"{u}\t{i}\t{t}\n" for u, i, t in rows))
+    (src / "toy.item").write_text("item_id:token\ttitle:token_seq\n")
+    name = _bench().truncate(str(tmp_path / "src"), "toy", 2, str(tmp_path / "out"))
+    assert name == "toy-last2"
+    lines = (tmp_path / "out" / name / f"{name}.inter").read_text().splitlines()
+    # u1 by time: i1 i2 i3 i4 i5 -> i4 i5; u2: i9, i8 (tie, file order), i7 -> i8 i7
+    assert [tuple(line.split("\t")[:2]) for line in lines[1:]] == [("u1", "i4"), ("u1", "i5"), ("u2", "i8"), ("u2", "i7")]
+    assert (tmp_path / "out" / name / f"{name}.item").is_symlink()
+    sampled = _bench().truncate(str(tmp_path / "src"), "toy", 2, str(tmp_path / "out"), users=1)
+    assert sampled == "toy-last2-u1"
+    assert len((tmp_path / "out" / sampled / f"{sampled}.inter").read_text().splitlines()) == 3
+
+
+def test_benchmark_smoke_writes_the_table(tmp_path):
+    rows = _bench().main(["--smoke", f"--out={tmp_path / 'bench'}", "--rows=SFT only,full,SASRec"])
+    assert [r["label"] for r in rows] == ["SFT only", "full", "SASRec"]
+    assert all(0 <= r["ndcg@3"] <= 1 for r in rows) and rows[1]["auc"] is not None
+    assert rows[1]["stages"]["ranker"]["reused"] and not rows[1]["stages"]["dpo"]["reused"]
+    text = (tmp_path / "bench" / "hanorec_mmfix-last6_sampled.md").read_text()
+    assert "| full |" in text and "git_commit" in text and "loadavg_start" in text
