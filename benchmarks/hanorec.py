@@ -10,10 +10,10 @@ Protocols:
 
     # ml-1m, the paper's protocol (the prepared dataset in /work/main/dataset):
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/hanorec.py --protocol=sampled \\
-        --data_path=/work/main/dataset --dataset=ml-1m --history_cap=6 --users=1000 --set ranker_model=smollm2
+        --data_path=/work/main/dataset --dataset=ml-1m --history_cap=6 --users=300
     # ml-100k (RecBole's bundled copy), full ranking:
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/hanorec.py --protocol=full --dataset=ml-100k \\
-        --set ranker_model=smollm2 --set n_candidates=20
+        --set n_candidates=20
     python benchmarks/hanorec.py --smoke --out=/tmp/hanorec   # generated fixture, tiny caps (a test runs it)
 
 Each run is a subprocess (its own peak memory) in a scratch folder; HaNoRec rows share
@@ -194,7 +194,8 @@ def main(argv=None) -> list[dict]:
         baseline_extra = dict(small)
         hanorec_extra = {**small, "ranker_small": {"hidden_size": 32, "num_layers": 1, "num_heads": 2,
                                                    "vocab_size": 400},
-                         "retriever_config": dict(small), "text_encoder": "small", "attr_max_tokens": 6,
+                         "ranker_model": "small", "retriever_config": dict(small), "text_encoder": "small",
+                         "attr_max_tokens": 6,
                          "ranker_train_examples": 16, "ranker_valid_users": 8, "ranker_valid_every": 2,
                          "dpo_train_examples": 8, "dpo_valid_every": 2, "hars_top_k": 5,
                          "show_progress": False, **hanorec_extra}
