@@ -208,6 +208,10 @@ def main(argv=None) -> list[dict]:
         dataset = truncate(data_path, dataset, args.history_cap, os.path.join(out, "data"), args.users)
         data_path = os.path.join(out, "data")
         hanorec_extra.setdefault("hanorec_history_cap", args.history_cap)
+        # the copy has a new name, so no dataset yaml: its columns, and no filtering (every user keeps N)
+        common = {"load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "TIME_FIELD": "timestamp",
+                  "filter_inter_by_user_or_item": False, "user_inter_num_interval": "[0,inf)",
+                  "item_inter_num_interval": "[0,inf)", "rm_dup_inter": None, "val_interval": None, **common}
     if data_path:
         common["data_path"] = os.path.abspath(data_path)
     artifacts = os.path.join(out, "artifacts")
