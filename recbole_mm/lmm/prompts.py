@@ -526,3 +526,60 @@ class RolePlayTemplate:
 
     def response_tokens(self, prompt_text: str, full_text: str, tokenizer) -> int:
         return 2  # the letter and the end-of-turn token, as PRIME's letter_end
+
+
+TITLE_LIST_HISTORY = "The user has watched the following {domain}s:"
+TITLE_LIST_CANDIDATES = "Please write a {domain} that the user may watch. Below are the candidate {domain}s:"
+
+
+class TitleListTemplate:
+    """HaNoRec's text prompt (paper Appendix C, Fig. 6 b, without the posters): the history's titles
+    in quotes, oldest first (the last ``max_history``), then the candidates' titles; the answer is
+    the chosen candidate's title itself (scored by its log-likelihood, not by a label logit).
+
+    Titles are cut to ``attr_max_tokens`` tokens, newlines and control characters become spaces,
+    special-token strings are defused. ``labels(k)`` are the letters (the protocol asks for them;
+    candidates carry no labels in this prompt), ``response(title)`` is the title.
+    """
+
+    def __init__(self, settings: PromptSettings | None = None, title_field: str = "title"):
+        self.settings = settings if settings is not None else PromptSettings(variant="title_only")
+        self.title_field = title_field
+
+    @classmethod
+    def from_config(cls, config) -> "TitleListTemplate":
+        return cls(PromptSettings.from_config(config, variant="title_only"))
+
+    @property
+    def use_images(self) -> bool:
+        return False
+
+    def labels(self, k: int) -> list[str]:
+        return index_letters(k)
+
+    def title(self, item: dict, tokenizer=None, specials: Sequence[str] = ()) -> str:
+        """The item's title as shown and answered (``(untitled)`` when it has none)."""
+        value = _value_text((item.get("attributes") or {}).get(self.title_field))
+        if value is None:
+            return "(untitled)"
+        text = truncate_tokens(tokenizer, _one_line(str(value)), self.settings.attr_max_tokens)
+        return _defuse(_one_line(text), specials) or "(untitled)"
+
+    def render(self, history, candidates, tokenizer=None) -> Prompt:
+        specials = _special_strings(tokenizer)
+        n = self.settings.max_history
+        shown = list(history)[-n:] if n else []
+        domain = self.settings.domain
+        quoted = lambda item: f'"{self.title(item, tokenizer, specials)}"'  # noqa: E731
+        lines = [TITLE_LIST_HISTORY.replace("{domain}", domain), *(quoted(i) for i in shown), "",
+                 TITLE_LIST_CANDIDATES.replace("{domain}", domain), *(quoted(i) for i in candidates)]
+        text = "\n".join(lines)
+        return Prompt(messages=[{"role": "user", "content": [{"type": "text", "text": text}]}], images=[],
+                      letters=self.labels(len(candidates)), parts=[text])
+
+    def response(self, label: str, tokenizer) -> str:
+        return label
+
+    def response_tokens(self, prompt_text: str, full_text: str, tokenizer) -> int:
+        ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+        return len(ids(full_text)) - len(ids(prompt_text))

@@ -12,6 +12,7 @@ from recbole_mm.errors import ConfigError, UserError
 # heavy dependencies stay behind the models that need them.
 MODELS = {
     "ALMOSTREC": "recbole_mm.model.almostrec",
+    "HaNoRec": "recbole_mm.model.hanorec",
     "LRURec": "recbole_mm.model.lrurec",
     "MLLM4Rec": "recbole_mm.model.mllm4rec",
     "PRIME": "recbole_mm.model.prime",

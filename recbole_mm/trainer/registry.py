@@ -8,6 +8,7 @@ import importlib
 # model name -> "module:Class" of a trainer that replaces RecBole's for that model.
 TRAINERS: dict[str, str] = {
     "ALMOSTREC": "recbole_mm.trainer.almostrec:ALMOSTRECTrainer",
+    "HaNoRec": "recbole_mm.trainer.hanorec:HaNoRecTrainer",
     "MLLM4Rec": "recbole_mm.trainer.mllm4rec:MLLM4RecTrainer",
     "PRIME": "recbole_mm.trainer.prime:PRIMETrainer",
     "VLM4Rec": "recbole_mm.trainer.vlm4rec:VLM4RecTrainer",
