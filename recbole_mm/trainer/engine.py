@@ -4,8 +4,9 @@ A stage (PRIME's ranker fine-tuning, its preference optimization of the retrieve
 DPO stage and all-item head) supplies only what is its own: a loss over a batch of example
 indices, a validation callable, its weights to keep, its optimizer. The Trainer supplies the rest:
 the loop, gradient accumulation, clipping, the schedule step, device placement, checkpoints and
-``resume_from_checkpoint``; through ``accelerate`` it is also what will run a stage on several GPUs
-(``torchrun`` / ``accelerate launch``, issue 18). What the Trainer has no hook for lives here,
+``resume_from_checkpoint``; through ``accelerate`` it also runs a stage on several processes
+(``torchrun`` / ``accelerate launch``, issue 18: the index dataset sharded by accelerate, the
+:class:`StageModule` wrapped in DDP, DeepSpeed / FSDP through ``EngineSettings.extra``). What the Trainer has no hook for lives here,
 in callbacks:
 
 * :class:`ValidationCallback`: validation before the first step, every ``valid_every`` optimizer
@@ -134,6 +135,33 @@ class EpochOrderSampler(Sampler):
         return iter(self.order(self.epoch).tolist())
 
 
+class StageModule(torch.nn.Module):
+    """What the Trainer trains: the stage's trainable module (``inner``), whose forward is the stage's loss.
+
+    With several processes the Trainer (accelerate) wraps this module in DDP, so the stage's loss
+    runs inside DDP's forward and its gradients are averaged over processes; calling the stage's
+    modules directly, outside the wrapper, would leave every process training on its own shard.
+    ``state_dict`` / ``load_state_dict`` are the inner module's, so checkpoints hold the same names as
+    the module alone.
+    """
+
+    def __init__(self, stage: Stage, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.stage = stage  # not a module: its tensors and the other modules it calls stay its own
+        # bitsandbytes-quantized backbones cannot be moved with .to(); the Trainer asks the model it is given
+        self.quantization_method = getattr(inner, "quantization_method", None)
+
+    def forward(self, index: torch.Tensor, step: int):
+        return self.stage.loss(index, step)
+
+    def state_dict(self, *args, **kwargs):
+        return self.inner.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.inner.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
 def warmup_steps(requested: int, total: int) -> int:
     """Warmup length: ``requested``, at most a tenth of ``total`` (at least 1), as the reference code."""
     return min(requested, max(1, total // 10))
@@ -189,12 +217,20 @@ def _engine_classes():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             index = inputs["index"].cpu()
-            loss, extras = self.stage.loss(index, self.state.global_step)
+            # through `model`: the StageModule, or the DDP wrapper around it with several processes
+            loss, extras = model(index, self.state.global_step)
             total = float(num_items_in_batch) if num_items_in_batch is not None else float(len(index))
             # DDP averages gradients over processes; the step's mean needs their sum, hence * world size
             self.step_loss += float(loss.detach()) * len(index) / total
             self.step_extras = extras
             return loss * (len(index) * self.args.world_size / total)
+
+        def pop_step_loss(self) -> float:
+            """The finished optimizer step's mean loss over every process's examples."""
+            loss, self.step_loss = self.step_loss, 0.0
+            if self.args.world_size > 1:  # each process holds its examples' share of the mean
+                loss = float(self.accelerator.reduce(torch.tensor(loss, device=self.args.device), "sum"))
+            return loss
 
         def floating_point_ops(self, inputs):
             return 0  # the inputs are indices; the Trainer's token-count estimate does not apply
@@ -221,7 +257,7 @@ def _engine_classes():
 
         def on_save(self, args, state, control, **kwargs):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
+            if state.is_world_process_zero and os.path.isdir(folder):  # one writer (the Trainer's own rule)
                 e = self.engine
                 atomic_save({"best": e.best, "bad": e.bad, "history": e.history, "best_weights": e.best_weights,
                              "stage": e.stage.state_dict() if hasattr(e.stage, "state_dict") else {}},
@@ -245,8 +281,7 @@ def _engine_classes():
 
         def on_step_end(self, args, state, control, **kwargs):
             e, s, trainer = self.engine, self.engine.settings, self.engine.trainer
-            step, loss = state.global_step, trainer.step_loss
-            trainer.step_loss = 0.0
+            step, loss = state.global_step, trainer.pop_step_loss()
             e.last_loss = loss
             lr = trainer.lr_scheduler.get_last_lr()[0]
             self.bar.update(1)
@@ -282,7 +317,7 @@ class Engine:
     """Runs one stage on transformers' Trainer: ``Engine(stage, model, settings, ...).fit(n, order)``.
 
     ``model`` is the module that holds the trainable weights (the Trainer saves and restores it,
-    and will wrap it for data parallelism); ``optimizer`` is the stage's own (custom parameter
+    inside a :class:`StageModule`, which it wraps in DDP for data parallelism); ``optimizer`` is the stage's own (custom parameter
     groups, ``adamw_8bit``); the schedule is transformers' ``settings.schedule`` with warmup.
     ``order(epoch)`` gives the epoch's example indices (``n`` of them, or fewer: a capped epoch).
     """
@@ -362,7 +397,8 @@ class Engine:
         scheduler = make_schedule(self.optimizer, s.schedule, warmup_steps(s.warmup_steps, total), max(1, total))
         stage_trainer, validation, report = _engine_classes()
         trainer = stage_trainer(
-            model=self.model, args=args, train_dataset=IndexDataset(per_epoch), data_collator=collate_indices,
+            model=StageModule(self.stage, self.model), args=args, train_dataset=IndexDataset(per_epoch),
+            data_collator=collate_indices,
             optimizers=(self.optimizer, scheduler), stage=self.stage, order=order,
             callbacks=[report(self), validation(self)])  # report first: a validation records the step's loss
         trainer.remove_callback(PrinterCallback)
