@@ -335,9 +335,12 @@ class Engine:
     def checkpoint_dir(self) -> str:
         return os.path.join(self.out_dir, "checkpoints")
 
-    def steps_per_epoch(self, per_epoch: int) -> int:
+    def steps_per_epoch(self, per_epoch: int, world_size: int = 1) -> int:
+        """Optimizer steps per epoch: each process gets every ``world_size``-th batch (accelerate pads
+        the last round), ``grad_accum`` of them per step."""
         s = self.settings
-        return -(-per_epoch // (s.batch_size * s.grad_accum))
+        batches = -(-per_epoch // s.batch_size)
+        return -(-(-(-batches // world_size)) // s.grad_accum)
 
     def validate_now(self, step: int) -> dict:
         """Validate, record, report; keep the weights if the score improved."""
@@ -361,8 +364,9 @@ class Engine:
     def fit(self, per_epoch: int, order: Callable[[int], torch.Tensor], resume: bool = False) -> EngineResult:
         """Train; ``resume``: continue from the newest complete checkpoint under ``out_dir/checkpoints``."""
         s = self.settings
-        total = self.steps_per_epoch(per_epoch) * s.epochs
-        trainer = self._build(per_epoch, order, total)
+        args = self._arguments()
+        total = self.steps_per_epoch(per_epoch, args.world_size) * s.epochs
+        trainer = self._build(args, per_epoch, order, total)
         checkpoint = _last_complete_checkpoint(self.checkpoint_dir) if resume and s.checkpoints else None
         resumed_at = None
         if checkpoint:
@@ -383,17 +387,22 @@ class Engine:
         self.stage.load_weights(self.best_weights)
         return EngineResult(self.best, steps, total, self.history, resumed_at)
 
-    def _build(self, per_epoch: int, order, total: int):
-        from transformers import PrinterCallback, ProgressCallback, TrainingArguments, set_seed
+    def _arguments(self):
+        from transformers import TrainingArguments
 
         s = self.settings
-        args = TrainingArguments(
+        return TrainingArguments(
             output_dir=self.checkpoint_dir, per_device_train_batch_size=s.batch_size,
             gradient_accumulation_steps=s.grad_accum, num_train_epochs=s.epochs, max_grad_norm=s.max_grad_norm or 0.0,
             save_strategy="steps" if s.checkpoints else "no", save_steps=max(1, s.valid_every),
             save_total_limit=s.save_total_limit, logging_strategy="no", report_to="none", disable_tqdm=True,
             seed=s.seed, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
             dataloader_pin_memory=False, eval_strategy="no", **s.extra)
+
+    def _build(self, args, per_epoch: int, order, total: int):
+        from transformers import PrinterCallback, ProgressCallback, set_seed
+
+        s = self.settings
         scheduler = make_schedule(self.optimizer, s.schedule, warmup_steps(s.warmup_steps, total), max(1, total))
         stage_trainer, validation, report = _engine_classes()
         trainer = stage_trainer(
