@@ -48,6 +48,15 @@ def from_rank0(value):
     return box[0]
 
 
+def sum_over_processes(value: float) -> float:
+    """``value`` summed over every process (itself outside a process group)."""
+    if not is_distributed():
+        return value
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)  # objects: works on gloo and nccl groups alike
+    return sum(values)
+
+
 def shard_rows(eval_data) -> torch.Tensor | None:
     """The sample indices this process evaluates, in its order, when ``eval_data`` is a full-ranking
     loader sharded by a ``DistributedSampler`` (RecBole's, ``shuffle=False``: rank r gets r, r+W, ...,

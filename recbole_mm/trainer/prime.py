@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from logging import getLogger
 
@@ -13,6 +14,7 @@ from recbole.utils import init_seed
 from recbole_mm.files import dataset_fingerprint, fingerprint
 from recbole_mm.lmm.defaults import LMM_BASE, model_yaml, shipped_defaults
 from recbole_mm.trainer.checkpoint import atomic_save, plain_config, safe_load
+from recbole_mm.trainer.distributed import barrier, rank, sum_over_processes
 from recbole_mm.trainer.preference import PreferenceTrainer
 from recbole_mm.trainer.ranker_training import RankerExamples, RankerTrainer, ranked_ndcg
 from recbole_mm.trainer.stage_store import EVALUATION_ONLY_KEYS, StageKeys, StageRule, StageStore
@@ -209,6 +211,7 @@ class PRIMETrainer(Trainer):
         trainer = RankerTrainer(ranker, self.config, str(folder), tracker=StageTracker.for_trainer(self, "ranker"))
 
         def compute(folder):
+            self._check_solo_stage("ranker")
             train, valid = self.training_examples(train_data, valid_data), self.validation_examples(valid_data)
             init_seed(self.config["seed"], self.config["reproducibility"])
             best = trainer.fit(train, valid, seed=self.config["seed"])
@@ -240,6 +243,7 @@ class PRIMETrainer(Trainer):
         key = self.stage_key("preference", self.ranker_key)
 
         def compute(folder):
+            self._check_solo_stage("preference")
             init_seed(self.config["seed"], self.config["reproducibility"])  # as for stage 2
             trainer = PreferenceTrainer(self.model, self.config, str(folder),
                                         validate=lambda: self.preference_validation(valid_data),
@@ -257,8 +261,25 @@ class PRIMETrainer(Trainer):
         self.curves["preference"] = info.get("history") or []
         self._stage("preference", started, key=key, **({"reused": True, **info} if reused else info))
 
+    def _check_solo_stage(self, stage: str) -> None:
+        """Rank 0 of a process group trains a stage alone on the engine, which works when the group came
+        from ``--nproc`` (accelerate sees one process) but not under ``torchrun`` (accelerate would wait
+        for the other processes): there, refuse with what to do."""
+        if not self.config["single_spec"] and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from recbole_mm.errors import UserError
+
+            raise UserError(f"PRIME stage {stage} is not trained yet and this run was launched by torchrun / "
+                            "accelerate launch; train the stages first (one process, or run_recbole_mm.py --nproc=N), "
+                            "then launch again: finished stages are reused and the evaluation is sharded")
+
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        """Stages 1-3, then the two-stage validation. In a process group (``run_recbole_mm.py --nproc``)
+        rank 0 computes (or reuses) every stage alone while the others wait, then they reuse its
+        artefacts; the evaluations are sharded by users and gathered (exactly one process's metrics)."""
         self.saved_model_file = None  # PRIME's weights are its stage artefacts (see extra_results)
+        distributed = not self.config["single_spec"]
+        if distributed and rank() != 0:
+            barrier()  # rank 0 has finished every stage: below, each one is reused
         try:
             self.train_retriever()
             self.train_ranker(train_data, valid_data)
@@ -267,6 +288,8 @@ class PRIMETrainer(Trainer):
         except BaseException:
             self.stages.remove_unfinished_empty()  # a stage that failed early leaves no empty folder
             raise
+        if distributed and rank() == 0:
+            barrier()
         self._phase = "valid"
         result = self.evaluate(valid_data, load_best_model=False, show_progress=show_progress)
         self._phase = "test"
@@ -285,9 +308,12 @@ class PRIMETrainer(Trainer):
                                                               show_progress=show_progress)
         self._mode, self._ranked_rows = "composed", 0  # RecBole's evaluate shows the tqdm bar (show_progress)
         result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        if not self.config["single_spec"]:  # every process ranked its own users
+            self._ranked_rows = int(sum_over_processes(self._ranked_rows))
         self.logger.info(f"[PRIME] {self._phase}: retriever alone {dict(self.retriever_results[self._phase])}")
         self.logger.info(f"[PRIME] {self._phase}: retriever + ranker {dict(result)}")
-        self._stage(f"evaluate_{self._phase}", started, ranked_users=self._ranked_rows)
+        self._stage(f"evaluate_{self._phase}", started, ranked_users=self._ranked_rows,
+                    **({} if self.config["single_spec"] else {"processes": self.config["world_size"]}))
         return result
 
     def _full_sort_batch_eval(self, batched_data):
