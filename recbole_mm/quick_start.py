@@ -94,6 +94,13 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
 def run_worker(local_rank: int, kwargs: dict, place: dict, queue=None) -> None:
     """One process of :func:`run` (RecBole's ``run_recboles``): :func:`run_recbole_mm` at ``local_rank``;
     local rank 0 puts its result on ``queue``."""
+    import os
+
+    # what torchrun would set: accelerate (the LMM stages' engine) then joins the process group that
+    # recbole_mm's Config forms, instead of seeing one process
+    os.environ.update(RANK=str(place["offset"] + local_rank), LOCAL_RANK=str(local_rank),
+                      WORLD_SIZE=str(place["world_size"]), LOCAL_WORLD_SIZE=str(place["nproc"]),
+                      MASTER_ADDR=str(place["ip"]), MASTER_PORT=str(place["port"]))
     result = run_recbole_mm(**kwargs, distributed={**place, "local_rank": local_rank})
     if local_rank == 0 and queue is not None:
         queue.put(result)

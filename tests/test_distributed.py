@@ -159,15 +159,19 @@ def test_ranker_training_with_two_processes_follows_the_one_process_loss(tiny_da
     assert len(one["valid"]) == 3 and two["valid"] == pytest.approx(one["valid"], abs=1e-6)  # steps 0, 2, 4
 
 
-# ----------------------------------------------------------------- two-stage evaluation sharded by users
-def test_prime_two_stage_evaluation_over_two_processes_equals_one_process(tiny_dataset, tmp_path):
-    """PRIME trained in one process; the same run with 2 processes reuses its stages (rank 0 checks
-    them, the others wait and reuse) and evaluates with each process ranking its own users (RecBole's
-    DistributedSampler) before the rows are gathered: every metric is identical, not merely close."""
+# ----------------------------------------------------------------- PRIME over two processes
+def test_prime_over_two_processes_trains_like_one_and_evaluates_identically(tiny_dataset, tmp_path):
+    """1. PRIME in one process (global ranker batch 4 = 4 accumulated prompts).
+    2. The same run with 2 processes reuses its stages and evaluates with each process ranking its own
+       users (RecBole's DistributedSampler) before the rows are gathered: every metric and per-user
+       row is identical, not merely close.
+    3. With 2 processes from scratch (2 accumulated prompts each: the same global batch) rank 0 trains
+       the retriever alone, both train the ranker through the engine (DDP): its validation curve
+       follows the one-process run (tolerance 1e-5 relative, as the engine test)."""
     from recbole_mm.quick_start import run
 
     data_path, name = tiny_dataset
-    cfg = _prime_config(data_path, str(tmp_path / "artifacts"), ranker_batch_size=2, ranker_grad_accum=2,
+    cfg = _prime_config(data_path, str(tmp_path / "artifacts"), ranker_batch_size=1, ranker_grad_accum=4,
                         eval_batch_size=64)
     one = run("PRIME", name, config_dict=dict(cfg))
     two = run("PRIME", name, config_dict=dict(cfg), nproc=2, port=free_port())
@@ -179,3 +183,46 @@ def test_prime_two_stage_evaluation_over_two_processes_equals_one_process(tiny_d
     assert two["stages"]["evaluate_test"]["processes"] == 2
     assert two["stages"]["evaluate_test"]["ranked_users"] == one["stages"]["evaluate_test"]["ranked_users"] > 0
     assert len(two["test_per_user"]["ndcg@6"]) == 50 and two["test_per_user"] == one["test_per_user"]
+
+    fresh = {**cfg, "artifacts_dir": str(tmp_path / "fresh"), "ranker_grad_accum": 2}
+    trained = run("PRIME", name, config_dict=fresh, nproc=2, port=free_port())
+    assert not any(trained["stages"][s].get("reused") for s in ("retriever", "ranker"))
+    assert trained["retriever_test_result"] == one["retriever_test_result"]  # rank 0 alone, same seed
+    curve, reference = trained["curves"]["ranker"], one["curves"]["ranker"]
+    assert [h["step"] for h in curve] == [h["step"] for h in reference] == [0, 2, 4]
+    for h, r in zip(curve, reference):
+        assert h == pytest.approx(r, rel=1e-5)
+    assert os.path.isfile(os.path.join(trained["artifacts"]["ranker_adapter"], "adapter_model.safetensors"))
+
+
+# ----------------------------------------------------------------- engine arguments (DeepSpeed presets)
+def test_engine_arguments_presets_files_and_one_line_errors(tmp_path):
+    import importlib.util
+    import sys
+
+    import yaml
+
+    from recbole_mm.errors import ConfigError
+    from recbole_mm.trainer.engine import Engine, EngineSettings, engine_arguments
+
+    assert engine_arguments(None) == {} and "deepspeed" not in sys.modules  # never imported unless asked for
+    with open(os.path.join(os.path.dirname(__file__), "..", "properties", "engine", "zero3.yaml")) as f:
+        zero3 = yaml.safe_load(f)
+    assert zero3["deepspeed"]["zero_optimization"]["stage"] == 3 and "optimizer" not in zero3["deepspeed"]
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(ConfigError, match="pip install deepspeed"):
+            engine_arguments("zero3", "ranker_engine_args")
+    else:
+        assert engine_arguments("zero3") == zero3
+    path = tmp_path / "ddp.yaml"
+    path.write_text("ddp_find_unused_parameters: false\nddp_timeout: 7200\n")
+    extra = engine_arguments(str(path))
+    assert extra == {"ddp_find_unused_parameters": False, "ddp_timeout": 7200}
+    engine = Engine(stage=None, model=torch.nn.Linear(1, 1), optimizer=None, out_dir=str(tmp_path),
+                    settings=EngineSettings(name="x", batch_size=1, epochs=1, extra=extra))
+    args = engine._arguments()  # what the Trainer gets
+    assert args.ddp_find_unused_parameters is False and args.ddp_timeout == 7200
+    for bad, match in (("nope", "neither a shipped engine preset"), ({"fsdp": "full_shard"}, "FSDP"),
+                       ({"per_device_train_batch_size": 8}, "ranker_batch_size"), (["x"], "expected a dict")):
+        with pytest.raises(ConfigError, match=match):
+            engine_arguments(bad, "ranker_engine_args")

@@ -9,6 +9,7 @@ collectives.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from logging import getLogger
 
 import torch
@@ -37,6 +38,17 @@ def barrier() -> None:
     """Wait for every process (a no-op outside a process group)."""
     if is_distributed():
         dist.barrier()
+
+
+@contextmanager
+def rank0_first(active: bool = True):
+    """Rank 0 runs the block first (e.g. writes a file), the other processes after it (and read it)."""
+    active = active and is_distributed()
+    if active and rank() != 0:
+        barrier()
+    yield
+    if active and rank() == 0:
+        barrier()
 
 
 def from_rank0(value):

@@ -162,6 +162,48 @@ class StageModule(torch.nn.Module):
         return self.inner.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
+def engine_arguments(value, key: str = "engine_args") -> dict:
+    """Further ``TrainingArguments`` of a stage (``EngineSettings.extra``) from the setting ``key``:
+    ``None`` (none), a dict, the name of a shipped preset (``properties/engine/<name>.yaml``: ``zero3``,
+    ``zero2``) or the path of a yaml/json file. DeepSpeed is only looked for when asked for (a
+    ``deepspeed`` entry), and its absence is a one-line error; FSDP is refused (see README
+    "Multi-GPU and multi-node": transformers does not take a stage's own optimizer under FSDP)."""
+    import importlib.util
+    import json
+    from importlib import resources
+
+    import yaml
+
+    from recbole_mm.errors import ConfigError
+
+    if value is None or value == {}:
+        return {}
+    if isinstance(value, str):
+        shipped = resources.files("recbole_mm.properties") / "engine" / f"{value}.yaml"
+        path = str(shipped) if shipped.is_file() else value
+        if not os.path.isfile(path):
+            names = sorted(f.name[:-5] for f in (resources.files("recbole_mm.properties") / "engine").iterdir()
+                           if f.name.endswith(".yaml"))
+            raise ConfigError(f"{key}={value!r}: neither a shipped engine preset ({', '.join(names)}) nor a "
+                              "yaml/json file; name one, or give a dict of TrainingArguments")
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a dict of transformers TrainingArguments, got {type(value).__name__}")
+    if "fsdp" in value or "fsdp_config" in value:
+        raise ConfigError(f"{key}: FSDP is not supported by the training engine (transformers refuses a stage's "
+                          "own optimizer under FSDP); use DeepSpeed (ranker_engine_args: zero3) or plain DDP")
+    if "deepspeed" in value and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"{key} asks for DeepSpeed, which is not installed: pip install deepspeed "
+                          "(on the GPU machines), or drop the deepspeed entry for plain DDP")
+    reserved = {"output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                "max_grad_norm", "seed", "save_strategy", "save_steps", "save_total_limit"}
+    if reserved & set(value):
+        raise ConfigError(f"{key}: {sorted(reserved & set(value))} come from the stage's own keys "
+                          "(e.g. ranker_batch_size, ranker_grad_accum); set them there")
+    return dict(value)
+
+
 def warmup_steps(requested: int, total: int) -> int:
     """Warmup length: ``requested``, at most a tenth of ``total`` (at least 1), as the reference code."""
     return min(requested, max(1, total // 10))

@@ -41,7 +41,9 @@ class RecBoleMMTrainerMixin:
             self.distributed_model = DistributedDataParallel(self.model)
         if getattr(self, "saved_model_file", None) and getattr(self, "checkpoint_dir", None):
             # one name for all processes: rank 0 writes it, every rank loads the best weights from it
-            self.saved_model_file = from_rank0(os.path.join(self.checkpoint_dir, checkpoint_name(config["model"])))
+            self.saved_model_file = os.path.join(self.checkpoint_dir, checkpoint_name(config["model"]))
+            if not config["single_spec"]:  # (a one-process sub-run inside a distributed run, e.g. PRIME's
+                self.saved_model_file = from_rank0(self.saved_model_file)  # retriever on rank 0, shares nothing)
         self._eval_rows = None  # this process's share of a sharded full-ranking evaluation
         self.epoch_log: list[dict] = []
         self._fit_started = None
