@@ -226,3 +226,12 @@ def test_engine_arguments_presets_files_and_one_line_errors(tmp_path):
                        ({"per_device_train_batch_size": 8}, "ranker_batch_size"), (["x"], "expected a dict")):
         with pytest.raises(ConfigError, match=match):
             engine_arguments(bad, "ranker_engine_args")
+
+
+def test_cli_process_flags_that_cannot_fit_are_one_line_errors(capsys):
+    from recbole_mm.cli import main
+
+    assert main(["--model=LRURec", "--dataset=ml-100k", "--nproc=2", "--world_size=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "must fit in world_size" in err
+    assert main(["--model=LRURec", "--dataset=ml-100k", "--nproc=4", "--world_size=8", "--offset=6"]) == 2
