@@ -258,7 +258,7 @@ class Config(RecBoleConfig):
 
         RecBole 1.2.1 hard-codes the ``nccl`` backend, asserts one ``gpu_id`` per process and calls
         ``torch.cuda.set_device``, so its distributed path cannot run without GPUs. Here the
-        backend is ``nccl`` when CUDA is present and ``use_gpu`` is on (RecBole's behaviour, one
+        backend is ``nccl`` when CUDA is present and ``gpu_id`` names GPUs (RecBole's behaviour, one
         GPU per local rank, ``gpu_id`` still checked), else ``gloo`` on the CPU: the same data
         sharding, DDP and gathering then run, and are tested, on a CPU machine. A process group
         that already exists (a PRIME retriever's config built inside a distributed run) is reused.
@@ -279,11 +279,13 @@ class Config(RecBoleConfig):
 
         gpu_id = ",".join(map(str, cfg["gpu_id"])) if isinstance(cfg["gpu_id"], tuple) else str(cfg["gpu_id"])
         cfg["gpu_id"] = gpu_id
-        cuda = bool(cfg.get("use_gpu", True)) and torch.cuda.is_available() and len(gpu_id) > 0
         local_rank, rank = int(cfg["local_rank"]), int(cfg["local_rank"]) + int(cfg.get("offset") or 0)
+        init_method = cfg.pop("_init_method", None)  # env:// under torchrun
+        if init_method is None:  # as RecBole, before CUDA is asked; torchrun leaves the GPUs as they are
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+        cuda = len(gpu_id) > 0 and torch.cuda.is_available()
         if cuda:
-            if cfg.pop("_init_method", None) is None:  # torchrun sets CUDA_VISIBLE_DEVICES itself
-                os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+            if init_method is None:
                 if len(gpu_id.split(",")) < int(cfg["nproc"]):
                     raise ConfigError(f"gpu_id={gpu_id!r} names {len(gpu_id.split(','))} GPUs for nproc={cfg['nproc']} "
                                       f"processes; give one GPU per process (e.g. --gpu_id='0,1,2,3')")
@@ -291,7 +293,7 @@ class Config(RecBoleConfig):
             device = torch.device("cuda", local_rank)
         else:
             device = torch.device("cpu")
-        init_method = cfg.pop("_init_method", None) or f"tcp://{cfg['ip']}:{cfg['port']}"
+        init_method = init_method or f"tcp://{cfg['ip']}:{cfg['port']}"
         if not dist.is_initialized():
             # a long timeout: in a PRIME run the other ranks wait while rank 0 trains a stage alone
             dist.init_process_group(backend="nccl" if cuda else "gloo", init_method=init_method, rank=rank,

@@ -22,10 +22,8 @@ logger = getLogger(__name__)
 ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label")
 
 
-def is_distributed(config=None) -> bool:
-    """True inside an initialised process group (and, with ``config``, a run that is not RecBole's single process)."""
-    if config is not None and config["single_spec"]:
-        return False
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
