@@ -171,7 +171,8 @@ def test_prime_over_two_processes_trains_like_one_and_evaluates_identically(tiny
        row is identical, not merely close.
     3. With 2 processes from scratch (2 accumulated prompts each: the same global batch) rank 0 trains
        the retriever alone, both train the ranker through the engine (DDP): its validation curve
-       follows the one-process run (tolerance 1e-5 relative, as the engine test)."""
+       follows the one-process run (tolerance 1e-5 relative, as the engine test); stage 3 runs on
+       both processes too (its prefixes sharded)."""
     from recbole_mm.quick_start import run
 
     data_path, name = tiny_dataset
@@ -188,10 +189,15 @@ def test_prime_over_two_processes_trains_like_one_and_evaluates_identically(tiny
     assert two["stages"]["evaluate_test"]["ranked_users"] == one["stages"]["evaluate_test"]["ranked_users"] > 0
     assert len(two["test_per_user"]["ndcg@6"]) == 50 and two["test_per_user"] == one["test_per_user"]
 
-    fresh = {**cfg, "artifacts_dir": str(tmp_path / "fresh"), "ranker_grad_accum": 2}
+    fresh = {**cfg, "artifacts_dir": str(tmp_path / "fresh"), "ranker_grad_accum": 2, "preference_optimization": True,
+             "pref_epochs": 1, "pref_batch_size": 16, "pref_valid_every": 4, "pref_valid_users": 10}
     trained = run("PRIME", name, config_dict=fresh, nproc=2, port=free_port())
-    assert not any(trained["stages"][s].get("reused") for s in ("retriever", "ranker"))
-    assert trained["retriever_test_result"] == one["retriever_test_result"]  # rank 0 alone, same seed
+    assert not any(trained["stages"][s].get("reused") for s in ("retriever", "ranker", "preference"))
+    retriever = ("best_valid_result", "test_result")  # rank 0 alone, same seed: the same retriever
+    assert {k: trained["stages"]["retriever"][k] for k in retriever} == {k: one["stages"]["retriever"][k] for k in retriever}
+    # stage 3 on both processes: each takes every other batch of 16 prefixes
+    pref = trained["stages"]["preference"]
+    assert pref["steps"] == pref["total_steps"] == -(-(-(-pref["prefixes_per_epoch"] // 16)) // 2)
     curve, reference = trained["curves"]["ranker"], one["curves"]["ranker"]
     assert [h["step"] for h in curve] == [h["step"] for h in reference] == [0, 2, 4]
     for h, r in zip(curve, reference):
