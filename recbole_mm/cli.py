@@ -25,6 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config_files", default=None, help="space-separated yaml files")
     parser.add_argument("--resume", default=None, help="checkpoint (.pth) of a run to continue")
     parser.add_argument("--result_file", default=None, help="write the results as JSON here")
+    group = parser.add_argument_group(
+        "several processes (RecBole's distributed path; gloo on CPU, nccl on GPUs)",
+        "one machine: --nproc=N; several: the same command on each machine with --world_size=total "
+        "processes, --offset=global rank of its first process, --ip/--port of the rank-0 machine")
+    group.add_argument("--nproc", type=int, default=1, help="processes on this machine (default 1)")
+    group.add_argument("--world_size", type=int, default=-1, help="processes on all machines (default nproc)")
+    group.add_argument("--ip", default="localhost", help="address of the machine of rank 0")
+    group.add_argument("--port", default="5678", help="free TCP port on the machine of rank 0")
+    group.add_argument("--offset", type=int, default=0, help="global rank of this machine's first process")
     return parser
 
 
@@ -56,7 +65,7 @@ def main(argv=None) -> int:
 
 def _run(args, rest) -> dict:
     from recbole_mm.errors import UserError
-    from recbole_mm.quick_start import run_recbole_mm
+    from recbole_mm.quick_start import run
 
     if args.result_file:  # checked now, not after hours of training
         folder = os.path.dirname(os.path.abspath(args.result_file))
@@ -67,8 +76,8 @@ def _run(args, rest) -> dict:
         if not os.access(folder, os.W_OK):
             raise UserError(f"--result_file={args.result_file}: folder {folder} is not writable")
     config_files = args.config_files.split() if args.config_files else None
-    return run_recbole_mm(model=args.model, dataset=args.dataset, config_file_list=config_files,
-                          argv=rest, resume=args.resume)
+    return run(model=args.model, dataset=args.dataset, config_file_list=config_files, argv=rest, resume=args.resume,
+               nproc=args.nproc, world_size=args.world_size, ip=args.ip, port=args.port, group_offset=args.offset)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,16 @@ def resolve_config_file(name: str) -> str:
                       f"{', '.join(sorted(f[:-5] for f in os.listdir(os.path.join(properties_dir(), 'preset'))))})")
 
 
+def _torchrun_env() -> tuple[int, int, int, int] | None:
+    """(rank, local rank, world size, local world size) when launched by ``torchrun`` / ``accelerate
+    launch`` with more than one process, else ``None``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    return (int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"])), world,
+            int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
 # PRIME's switches between our behaviour and the reference code's (each also checked where it is used)
 PRIME_CHOICES = {
     "ranker_optimizer": ("adamw", "adamw_8bit"),
@@ -152,8 +162,13 @@ class Config(RecBoleConfig):
     RecBole requires for CE and what its own quick-start examples write by hand.
     """
 
-    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, argv=None):
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, argv=None,
+                 distributed: dict | bool | None = None):
         self._argv = list(argv or [])
+        # a process of a distributed run (``local_rank``, ``world_size``, ``nproc``, ``offset``, ``ip``,
+        # ``port``; see recbole_mm.quick_start.run), or False: one process even under torchrun. Kept out of
+        # config_dict, so that checkpoints and stage keys do not hold them.
+        self._distributed = distributed
         files = [resolve_config_file(f) for f in config_file_list or []]
         super().__init__(model, dataset, files or None, config_dict)
         self._check_unknown_keys(files)
@@ -161,7 +176,7 @@ class Config(RecBoleConfig):
     def for_model(self, model: str, config_dict: dict) -> "Config":
         """A config for another model on the same dataset (a sub-model, e.g. PRIME's retriever),
         built from ``config_dict`` and that model's own property files."""
-        return type(self)(model=model, dataset=self.dataset, config_dict=config_dict)
+        return type(self)(model=model, dataset=self.dataset, config_dict=config_dict, distributed=False)
 
     def _check_unknown_keys(self, files):
         """Unknown keys in the files, ``config_dict`` or command line: warn (``strict_config``: error)."""
@@ -236,6 +251,56 @@ class Config(RecBoleConfig):
         if path:
             keys = self._update_internal_config_dict(path) or {}
             self.parameters["Dataset"] += [k for k in keys if k not in self.parameters["Dataset"]]
+
+    def _init_device(self):
+        """RecBole's device set-up, except for a distributed run (``local_rank`` set by
+        :func:`recbole_mm.quick_start.run`, or a ``torchrun`` environment).
+
+        RecBole 1.2.1 hard-codes the ``nccl`` backend, asserts one ``gpu_id`` per process and calls
+        ``torch.cuda.set_device``, so its distributed path cannot run without GPUs. Here the
+        backend is ``nccl`` when CUDA is present and ``gpu_id`` names GPUs (RecBole's behaviour, one
+        GPU per local rank, ``gpu_id`` still checked), else ``gloo`` on the CPU: the same data
+        sharding, DDP and gathering then run, and are tested, on a CPU machine. A process group
+        that already exists (a PRIME retriever's config built inside a distributed run) is reused.
+        """
+        cfg = self.final_config_dict
+        if isinstance(self._distributed, dict):
+            cfg.update(self._distributed)
+        elif self._distributed is None and "local_rank" not in cfg and _torchrun_env() is not None:
+            rank, local_rank, world_size, local_world_size = _torchrun_env()
+            cfg.update(local_rank=local_rank, world_size=world_size, nproc=local_world_size,
+                       offset=rank - local_rank, _init_method="env://")
+        if "local_rank" not in cfg or self._distributed is False:
+            return super()._init_device()
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        gpu_id = ",".join(map(str, cfg["gpu_id"])) if isinstance(cfg["gpu_id"], tuple) else str(cfg["gpu_id"])
+        cfg["gpu_id"] = gpu_id
+        local_rank, rank = int(cfg["local_rank"]), int(cfg["local_rank"]) + int(cfg.get("offset") or 0)
+        init_method = cfg.pop("_init_method", None)  # env:// under torchrun
+        if init_method is None:  # as RecBole, before CUDA is asked; torchrun leaves the GPUs as they are
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+        cuda = len(gpu_id) > 0 and torch.cuda.is_available()
+        if cuda:
+            if init_method is None:
+                if len(gpu_id.split(",")) < int(cfg["nproc"]):
+                    raise ConfigError(f"gpu_id={gpu_id!r} names {len(gpu_id.split(','))} GPUs for nproc={cfg['nproc']} "
+                                      f"processes; give one GPU per process (e.g. --gpu_id='0,1,2,3')")
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cpu")
+        init_method = init_method or f"tcp://{cfg['ip']}:{cfg['port']}"
+        if not dist.is_initialized():
+            # a long timeout: in a PRIME run the other ranks wait while rank 0 trains a stage alone
+            dist.init_process_group(backend="nccl" if cuda else "gloo", init_method=init_method, rank=rank,
+                                    world_size=int(cfg["world_size"]), timeout=datetime.timedelta(hours=24))
+        cfg["device"], cfg["single_spec"] = device, False
+        if local_rank != 0 or rank != 0:  # RecBole's rule: only the first process logs and shows progress
+            cfg["state"], cfg["show_progress"], cfg["verbose"] = "error", False, False
 
     def _source(self, key: str) -> str:
         if key in self.cmd_config_dict:

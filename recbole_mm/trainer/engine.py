@@ -4,8 +4,9 @@ A stage (PRIME's ranker fine-tuning, its preference optimization of the retrieve
 DPO stage and all-item head) supplies only what is its own: a loss over a batch of example
 indices, a validation callable, its weights to keep, its optimizer. The Trainer supplies the rest:
 the loop, gradient accumulation, clipping, the schedule step, device placement, checkpoints and
-``resume_from_checkpoint``; through ``accelerate`` it is also what will run a stage on several GPUs
-(``torchrun`` / ``accelerate launch``, issue 18). What the Trainer has no hook for lives here,
+``resume_from_checkpoint``; through ``accelerate`` it also runs a stage on several processes
+(``torchrun`` / ``accelerate launch``, issue 18: the index dataset sharded by accelerate, the
+:class:`StageModule` wrapped in DDP, DeepSpeed / FSDP through ``EngineSettings.extra``). What the Trainer has no hook for lives here,
 in callbacks:
 
 * :class:`ValidationCallback`: validation before the first step, every ``valid_every`` optimizer
@@ -134,6 +135,75 @@ class EpochOrderSampler(Sampler):
         return iter(self.order(self.epoch).tolist())
 
 
+class StageModule(torch.nn.Module):
+    """What the Trainer trains: the stage's trainable module (``inner``), whose forward is the stage's loss.
+
+    With several processes the Trainer (accelerate) wraps this module in DDP, so the stage's loss
+    runs inside DDP's forward and its gradients are averaged over processes; calling the stage's
+    modules directly, outside the wrapper, would leave every process training on its own shard.
+    ``state_dict`` / ``load_state_dict`` are the inner module's, so checkpoints hold the same names as
+    the module alone.
+    """
+
+    def __init__(self, stage: Stage, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.stage = stage  # not a module: its tensors and the other modules it calls stay its own
+        # bitsandbytes-quantized backbones cannot be moved with .to(); the Trainer asks the model it is given
+        self.quantization_method = getattr(inner, "quantization_method", None)
+
+    def forward(self, index: torch.Tensor, step: int):
+        return self.stage.loss(index, step)
+
+    def state_dict(self, *args, **kwargs):
+        return self.inner.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.inner.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def engine_arguments(value, key: str = "engine_args") -> dict:
+    """Further ``TrainingArguments`` of a stage (``EngineSettings.extra``) from the setting ``key``:
+    ``None`` (none), a dict, the name of a shipped preset (``properties/engine/<name>.yaml``: ``zero3``,
+    ``zero2``) or the path of a yaml/json file. DeepSpeed is only looked for when asked for (a
+    ``deepspeed`` entry), and its absence is a one-line error; FSDP is refused (see README
+    "Multi-GPU and multi-node": transformers does not take a stage's own optimizer under FSDP)."""
+    import importlib.util
+    import json
+    from importlib import resources
+
+    import yaml
+
+    from recbole_mm.errors import ConfigError
+
+    if value is None or value == {}:
+        return {}
+    if isinstance(value, str):
+        shipped = resources.files("recbole_mm.properties") / "engine" / f"{value}.yaml"
+        path = str(shipped) if shipped.is_file() else value
+        if not os.path.isfile(path):
+            names = sorted(f.name[:-5] for f in (resources.files("recbole_mm.properties") / "engine").iterdir()
+                           if f.name.endswith(".yaml"))
+            raise ConfigError(f"{key}={value!r}: neither a shipped engine preset ({', '.join(names)}) nor a "
+                              "yaml/json file; name one, or give a dict of TrainingArguments")
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a dict of transformers TrainingArguments, got {type(value).__name__}")
+    if "fsdp" in value or "fsdp_config" in value:
+        raise ConfigError(f"{key}: FSDP is not supported by the training engine (transformers refuses a stage's "
+                          "own optimizer under FSDP); use DeepSpeed (ranker_engine_args: zero3) or plain DDP")
+    if "deepspeed" in value and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"{key} asks for DeepSpeed, which is not installed: pip install deepspeed "
+                          "(on the GPU machines), or drop the deepspeed entry for plain DDP")
+    reserved = {"output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                "max_grad_norm", "seed", "save_strategy", "save_steps", "save_total_limit"}
+    if reserved & set(value):
+        raise ConfigError(f"{key}: {sorted(reserved & set(value))} come from the stage's own keys "
+                          "(e.g. ranker_batch_size, ranker_grad_accum); set them there")
+    return dict(value)
+
+
 def warmup_steps(requested: int, total: int) -> int:
     """Warmup length: ``requested``, at most a tenth of ``total`` (at least 1), as the reference code."""
     return min(requested, max(1, total // 10))
@@ -189,12 +259,20 @@ def _engine_classes():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             index = inputs["index"].cpu()
-            loss, extras = self.stage.loss(index, self.state.global_step)
+            # through `model`: the StageModule, or the DDP wrapper around it with several processes
+            loss, extras = model(index, self.state.global_step)
             total = float(num_items_in_batch) if num_items_in_batch is not None else float(len(index))
             # DDP averages gradients over processes; the step's mean needs their sum, hence * world size
             self.step_loss += float(loss.detach()) * len(index) / total
             self.step_extras = extras
             return loss * (len(index) * self.args.world_size / total)
+
+        def pop_step_loss(self) -> float:
+            """The finished optimizer step's mean loss over every process's examples."""
+            loss, self.step_loss = self.step_loss, 0.0
+            if self.args.world_size > 1:  # each process holds its examples' share of the mean
+                loss = float(self.accelerator.reduce(torch.tensor(loss, device=self.args.device), "sum"))
+            return loss
 
         def floating_point_ops(self, inputs):
             return 0  # the inputs are indices; the Trainer's token-count estimate does not apply
@@ -221,7 +299,7 @@ def _engine_classes():
 
         def on_save(self, args, state, control, **kwargs):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
+            if state.is_world_process_zero and os.path.isdir(folder):  # one writer (the Trainer's own rule)
                 e = self.engine
                 atomic_save({"best": e.best, "bad": e.bad, "history": e.history, "best_weights": e.best_weights,
                              "stage": e.stage.state_dict() if hasattr(e.stage, "state_dict") else {}},
@@ -245,8 +323,7 @@ def _engine_classes():
 
         def on_step_end(self, args, state, control, **kwargs):
             e, s, trainer = self.engine, self.engine.settings, self.engine.trainer
-            step, loss = state.global_step, trainer.step_loss
-            trainer.step_loss = 0.0
+            step, loss = state.global_step, trainer.pop_step_loss()
             e.last_loss = loss
             lr = trainer.lr_scheduler.get_last_lr()[0]
             self.bar.update(1)
@@ -282,7 +359,7 @@ class Engine:
     """Runs one stage on transformers' Trainer: ``Engine(stage, model, settings, ...).fit(n, order)``.
 
     ``model`` is the module that holds the trainable weights (the Trainer saves and restores it,
-    and will wrap it for data parallelism); ``optimizer`` is the stage's own (custom parameter
+    inside a :class:`StageModule`, which it wraps in DDP for data parallelism); ``optimizer`` is the stage's own (custom parameter
     groups, ``adamw_8bit``); the schedule is transformers' ``settings.schedule`` with warmup.
     ``order(epoch)`` gives the epoch's example indices (``n`` of them, or fewer: a capped epoch).
     """
@@ -300,9 +377,12 @@ class Engine:
     def checkpoint_dir(self) -> str:
         return os.path.join(self.out_dir, "checkpoints")
 
-    def steps_per_epoch(self, per_epoch: int) -> int:
+    def steps_per_epoch(self, per_epoch: int, world_size: int = 1) -> int:
+        """Optimizer steps per epoch: each process gets every ``world_size``-th batch (accelerate pads
+        the last round), ``grad_accum`` of them per step."""
         s = self.settings
-        return -(-per_epoch // (s.batch_size * s.grad_accum))
+        batches = -(-per_epoch // s.batch_size)
+        return -(-(-(-batches // world_size)) // s.grad_accum)
 
     def validate_now(self, step: int) -> dict:
         """Validate, record, report; keep the weights if the score improved."""
@@ -326,8 +406,9 @@ class Engine:
     def fit(self, per_epoch: int, order: Callable[[int], torch.Tensor], resume: bool = False) -> EngineResult:
         """Train; ``resume``: continue from the newest complete checkpoint under ``out_dir/checkpoints``."""
         s = self.settings
-        total = self.steps_per_epoch(per_epoch) * s.epochs
-        trainer = self._build(per_epoch, order, total)
+        args = self._arguments()
+        total = self.steps_per_epoch(per_epoch, args.world_size) * s.epochs
+        trainer = self._build(args, per_epoch, order, total)
         checkpoint = _last_complete_checkpoint(self.checkpoint_dir) if resume and s.checkpoints else None
         resumed_at = None
         if checkpoint:
@@ -348,21 +429,27 @@ class Engine:
         self.stage.load_weights(self.best_weights)
         return EngineResult(self.best, steps, total, self.history, resumed_at)
 
-    def _build(self, per_epoch: int, order, total: int):
-        from transformers import PrinterCallback, ProgressCallback, TrainingArguments, set_seed
+    def _arguments(self):
+        from transformers import TrainingArguments
 
         s = self.settings
-        args = TrainingArguments(
+        return TrainingArguments(
             output_dir=self.checkpoint_dir, per_device_train_batch_size=s.batch_size,
             gradient_accumulation_steps=s.grad_accum, num_train_epochs=s.epochs, max_grad_norm=s.max_grad_norm or 0.0,
             save_strategy="steps" if s.checkpoints else "no", save_steps=max(1, s.valid_every),
             save_total_limit=s.save_total_limit, logging_strategy="no", report_to="none", disable_tqdm=True,
             seed=s.seed, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
             dataloader_pin_memory=False, eval_strategy="no", **s.extra)
+
+    def _build(self, args, per_epoch: int, order, total: int):
+        from transformers import PrinterCallback, ProgressCallback, set_seed
+
+        s = self.settings
         scheduler = make_schedule(self.optimizer, s.schedule, warmup_steps(s.warmup_steps, total), max(1, total))
         stage_trainer, validation, report = _engine_classes()
         trainer = stage_trainer(
-            model=self.model, args=args, train_dataset=IndexDataset(per_epoch), data_collator=collate_indices,
+            model=StageModule(self.stage, self.model), args=args, train_dataset=IndexDataset(per_epoch),
+            data_collator=collate_indices,
             optimizers=(self.optimizer, scheduler), stage=self.stage, order=order,
             callbacks=[report(self), validation(self)])  # report first: a validation records the step's loss
         trainer.remove_callback(PrinterCallback)

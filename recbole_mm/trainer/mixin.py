@@ -10,6 +10,7 @@ from recbole.utils import get_local_time
 
 from recbole_mm.errors import CheckpointError
 from recbole_mm.trainer.checkpoint import atomic_save, checkpoint_entries, load_model_state, plain_config, safe_load
+from recbole_mm.trainer.distributed import barrier, from_rank0, gather_rows, shard_rows
 
 
 class RecBoleMMTrainerMixin:
@@ -23,9 +24,27 @@ class RecBoleMMTrainerMixin:
     """
 
     def __init__(self, config, model):
-        super().__init__(config, model)
+        cpu_ddp = not config["single_spec"] and config["device"].type == "cpu"
+        if cpu_ddp:
+            # RecBole wraps the model as DDP(model, device_ids=[local_rank]), which DDP refuses for a
+            # CPU module (gloo, see recbole_mm.config.Config._init_device): wrap it here without
+            # device ids instead (SyncBatchNorm, RecBole's other step, is CUDA-only)
+            config["single_spec"] = True
+        try:
+            super().__init__(config, model)
+        finally:
+            if cpu_ddp:
+                config["single_spec"] = False
+        if cpu_ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.distributed_model = DistributedDataParallel(self.model)
         if getattr(self, "saved_model_file", None) and getattr(self, "checkpoint_dir", None):
+            # one name for all processes: rank 0 writes it, every rank loads the best weights from it
             self.saved_model_file = os.path.join(self.checkpoint_dir, checkpoint_name(config["model"]))
+            if not config["single_spec"]:  # (a one-process sub-run inside a distributed run, e.g. PRIME's
+                self.saved_model_file = from_rank0(self.saved_model_file)  # retriever on rank 0, shares nothing)
+        self._eval_rows = None  # this process's share of a sharded full-ranking evaluation
         self.epoch_log: list[dict] = []
         self._fit_started = None
         #: per-user NDCG@K / Recall@K of the latest evaluation (K = 10 if reported, else the largest
@@ -34,10 +53,30 @@ class RecBoleMMTrainerMixin:
         evaluate = self.evaluator.evaluate
 
         def evaluate_and_keep_per_user(struct):
+            if self._eval_rows is not None:  # every process's rows, in one process's order
+                struct = gather_rows(struct, self._eval_rows)
             self.last_per_user = per_user_metrics(struct, config["topk"])
             return evaluate(struct)
 
         self.evaluator.evaluate = evaluate_and_keep_per_user
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        """RecBole's evaluation; in a process group, a full-ranking evaluation is sharded by users
+        (RecBole's ``DistributedSampler``) and its rows gathered before the metrics are computed, so
+        the metrics equal one process's exactly."""
+        if load_best_model and not self.config["single_spec"]:
+            barrier()  # rank 0 has written the best checkpoint that every process loads
+        self._eval_rows = None if self.config["single_spec"] else shard_rows(eval_data)
+        try:
+            return super().evaluate(eval_data, load_best_model=load_best_model, model_file=model_file,
+                                    show_progress=show_progress)
+        finally:
+            self._eval_rows = None
+
+    def _map_reduce(self, result, num_sample):
+        if self._eval_rows is not None:
+            return result  # computed from the gathered rows: already every process's result
+        return super()._map_reduce(result, num_sample)
 
     def _build_optimizer(self, **kwargs):
         if "params" not in kwargs and hasattr(self.model, "optimizer_param_groups"):

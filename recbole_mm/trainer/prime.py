@@ -13,6 +13,7 @@ from recbole.utils import init_seed
 from recbole_mm.files import dataset_fingerprint, fingerprint
 from recbole_mm.lmm.defaults import LMM_BASE, model_yaml, shipped_defaults
 from recbole_mm.trainer.checkpoint import atomic_save, plain_config, safe_load
+from recbole_mm.trainer.distributed import barrier, from_rank0, rank, rank0_first, sum_over_processes
 from recbole_mm.trainer.preference import PreferenceTrainer
 from recbole_mm.trainer.ranker_training import RankerExamples, RankerTrainer, ranked_ndcg
 from recbole_mm.trainer.stage_store import EVALUATION_ONLY_KEYS, StageKeys, StageRule, StageStore
@@ -37,6 +38,7 @@ def prime_stage_keys() -> StageKeys:
                StageRule("preference", prefixes=("pref_",), keys=("preference_optimization",))],
         keys=shipped_defaults("PRIME"),
         every_stage=("n_candidates", "train_neg_sample_args"),
+        evaluation_only=("ranker_engine_args",),  # the layout over devices (DeepSpeed), like the device itself
         inputs=("seed", "mask_history"))
 
 
@@ -204,7 +206,8 @@ class PRIMETrainer(Trainer):
         """Stage 2: train (or load) the LMM ranker and attach it to the model."""
         started = time.perf_counter()
         key = self.stage_key("ranker", self.retriever_key)
-        ranker = self.build_ranker(train_data._dataset)
+        with rank0_first(not self.config["single_spec"]):  # a built `small` model is written once
+            ranker = self.build_ranker(train_data._dataset)
         folder = self.stages.folder("ranker", key)
         trainer = RankerTrainer(ranker, self.config, str(folder), tracker=StageTracker.for_trainer(self, "ranker"))
 
@@ -218,7 +221,7 @@ class PRIMETrainer(Trainer):
         def load(folder, info):
             trainer.load_adapter()  # peft's folder, out_dir/adapter
 
-        info, reused = self.stages.run("ranker", key, compute, load)
+        info, reused = self.run_stage("ranker", key, compute, load)
         self.curves["ranker"] = info.get("history") or []
         ranker.model.eval()
         self.model.ranker = ranker
@@ -247,20 +250,41 @@ class PRIMETrainer(Trainer):
             history = getattr(train_data, "prefix_history", None) if self.config["mask_history"] else None
             info = trainer.fit(train_data._dataset, self.device, history=history,
                                positions=getattr(train_data, "prefix_positions", None))
-            atomic_save(self.model.retriever.state_dict(), str(folder / "retriever.pth"))
+            if rank() == 0:
+                atomic_save(self.model.retriever.state_dict(), str(folder / "retriever.pth"))
             return info
 
-        info, reused = self.stages.run("preference", key, compute)
+        info, reused = self.run_stage("preference", key, compute)
         path = self.stages.folder("preference", key) / "retriever.pth"
         self.model.retriever.load_state_dict(safe_load(str(path), map_location=self.device))
         self.artifacts["retriever_refined"] = str(path)
         self.curves["preference"] = info.get("history") or []
         self._stage("preference", started, key=key, **({"reused": True, **info} if reused else info))
 
+    def run_stage(self, stage: str, key: str, compute, load=None) -> tuple[dict, bool]:
+        """:meth:`StageStore.run`; in a process group every process computes an unfinished stage (the
+        engine's DDP needs all of them) and rank 0 alone stores it (``done.json``; the stage's own
+        writes are rank 0's too), or every process reuses a finished one."""
+        if self.config["single_spec"]:
+            return self.stages.run(stage, key, compute, load)
+        barrier()  # nobody is writing this stage: every process takes rank 0's answer to "finished?"
+        finished = from_rank0(self.stages.done(stage, key) is not None)
+        if rank() == 0 or finished:
+            result = self.stages.run(stage, key, compute, load)
+        else:
+            result = compute(self.stages.folder(stage, key)), False
+        barrier()
+        return result
+
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        """Stages 1-3, then the two-stage validation. In a process group (``run_recbole_mm.py --nproc``,
+        ``torchrun``): rank 0 trains (or reuses) the retriever alone while the others wait, then they
+        reuse it; stages 2 and 3 run on every process through the engine (DDP), rank 0 alone storing
+        their artefacts (:meth:`run_stage`); the evaluations are sharded by users and gathered."""
         self.saved_model_file = None  # PRIME's weights are its stage artefacts (see extra_results)
         try:
-            self.train_retriever()
+            with rank0_first(not self.config["single_spec"]):
+                self.train_retriever()
             self.train_ranker(train_data, valid_data)
             if self.config["preference_optimization"]:
                 self.optimize_retriever(train_data, valid_data)
@@ -285,9 +309,12 @@ class PRIMETrainer(Trainer):
                                                               show_progress=show_progress)
         self._mode, self._ranked_rows = "composed", 0  # RecBole's evaluate shows the tqdm bar (show_progress)
         result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        if not self.config["single_spec"]:  # every process ranked its own users
+            self._ranked_rows = int(sum_over_processes(self._ranked_rows))
         self.logger.info(f"[{self.config['model']}] {self._phase}: retriever alone {dict(self.retriever_results[self._phase])}")
         self.logger.info(f"[{self.config['model']}] {self._phase}: retriever + ranker {dict(result)}")
-        self._stage(f"evaluate_{self._phase}", started, ranked_users=self._ranked_rows)
+        self._stage(f"evaluate_{self._phase}", started, ranked_users=self._ranked_rows,
+                    **({} if self.config["single_spec"] else {"processes": self.config["world_size"]}))
         return result
 
     def _full_sort_batch_eval(self, batched_data):

@@ -3,6 +3,7 @@ validation metric, optimizer choice and adapter files (peft's format)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -53,9 +54,22 @@ def ranked_ndcg(ranker, examples: RankerExamples, batch_size: int) -> float:
     return total / max(1, len(examples))
 
 
+def gathered(params: list):
+    """A context in which ``params`` are whole tensors: under DeepSpeed ZeRO-3 (``ranker_engine_args:
+    zero3``) each process holds a partition of every parameter (marked by DeepSpeed's ``ds_id``), which
+    ``deepspeed.zero.GatheredParameters`` gathers (rank 0's writes are kept); otherwise nothing to do."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
 def lora_state(model) -> dict:
     """The trainable (adapter) weights only."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with gathered([p for _, p in params]):
+        return {n: p.detach().cpu().clone() for n, p in params}
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float):
@@ -154,7 +168,7 @@ class RankerTrainer:
 
     def fit(self, train: RankerExamples, valid: RankerExamples, seed: int = 0) -> float:
         """Train on ``train``, validate on ``valid``; the best adapter is loaded and saved. Returns its NDCG@10."""
-        from recbole_mm.trainer.engine import Engine, EngineSettings
+        from recbole_mm.trainer.engine import Engine, EngineSettings, engine_arguments
 
         cfg = self.config
         self._train, self._valid = train, valid
@@ -164,7 +178,8 @@ class RankerTrainer:
             warmup_steps=cfg["ranker_warmup_steps"], valid_every=cfg["ranker_valid_every"],
             patience=cfg["ranker_patience"], log_every=cfg["ranker_log_every"], seed=seed,
             score_key="valid_ndcg@10", tag="[ranker]",
-            show_progress=bool(cfg["show_progress"]) if "show_progress" in cfg else True)
+            show_progress=bool(cfg["show_progress"]) if "show_progress" in cfg else True,
+            extra=engine_arguments(cfg["ranker_engine_args"], "ranker_engine_args"))
         stage = _RankerStage(self)
         engine = Engine(stage, self.ranker.model, settings, self.optimizer, self.out_dir, tracker=self.tracker)
         generator_seed, orders = seed, {}
@@ -179,7 +194,10 @@ class RankerTrainer:
         result = engine.fit(len(train), order)
         self.history = result.history
         self.ranker.model.train()
-        self.save_pretrained()
+        from recbole_mm.trainer.distributed import rank
+
+        if rank() == 0:  # several processes (DDP) end with the same adapter: one writer
+            self.save_pretrained()
         self._train = self._valid = None
         return result.best
 
@@ -196,7 +214,7 @@ class RankerTrainer:
         missing = {n for n, p in params.items() if p.requires_grad} - set(state)
         if missing:
             raise ValueError(f"adapter state lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
-        with torch.no_grad():
+        with torch.no_grad(), gathered([params[name] for name in state]):
             for name, value in state.items():
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
 
