@@ -1,8 +1,10 @@
 """ALMOSTREC: a frozen sequential recommender's item embeddings, projected into an LMM as one token
-per history item (beside the item's title), and an all-item softmax head on the last hidden state."""
+per history item (beside the item's title, and its image when the backbone has a vision tower), and
+an all-item softmax head on the last hidden state."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from logging import getLogger
 
 import torch
@@ -29,11 +31,45 @@ def base_model_config(config):
     return config.for_model(config["almost_base_model"], {**shared, **(config["almost_base_config"] or {})})
 
 
+def images_mode(value) -> bool | str:
+    """``almost_images`` as ``"auto"``, ``True`` or ``False`` (yaml booleans or the words, any case)."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word == "auto":
+        return "auto"
+    if word in ("true", "false"):
+        return word == "true"
+    raise ConfigError(f"almost_images={value!r}: use auto (images when the backbone has a vision tower), true or false")
+
+
+def image_placeholder(processor) -> str:
+    """The text the backbone's chat template writes for one image part (Qwen2-VL:
+    ``<|vision_start|><|image_pad|><|vision_end|>``), which the processor expands to that image's
+    tokens; the processor's ``image_token`` when the template has no image part."""
+    token = getattr(processor, "image_token", None)
+    before, after = "\x01A\x01", "\x01B\x01"
+    content = [{"type": "text", "text": before}, {"type": "image"}, {"type": "text", "text": after}]
+    try:
+        text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        part = text.split(before, 1)[1].split(after, 1)[0]
+    except (ValueError, IndexError, TypeError, AttributeError):
+        part = None
+    if part and (token is None or token in part):
+        return part
+    if token is None:
+        raise ConfigError("almost_images: the backbone's processor names no image token and its chat template "
+                          "shows no image part; use almost_images: false with this ranker_model")
+    return token
+
+
 class ALMOSTREC(SequentialRecommender):
     """ALMOSTREC as a RecBole model; :class:`recbole_mm.trainer.almostrec.ALMOSTRECTrainer` trains it.
 
     Trainable: the backbone's LoRA, ``w_b`` (d_i -> d_m) and ``w_t`` (d_m -> |I|). The embedding
-    model ``base`` (its ``almost_embedding_field`` table is M) stays frozen.
+    model ``base`` (its ``almost_embedding_field`` table is M) stays frozen. With ``use_images``
+    (``almost_images``; a backbone with a vision tower) each history item with an image shows it
+    before its title (:meth:`build_image_inputs`).
     """
 
     input_type = InputType.POINTWISE
@@ -60,7 +96,14 @@ class ALMOSTREC(SequentialRecommender):
         self.max_history = config["max_history_items"]
         self.title_field = config["almost_title_field"]
         self.title_tokens = config["attr_max_tokens"]
-        self.backbone = build_backbone(config, store, "cpu", text_only=True)
+        mode = images_mode(config["almost_images"])
+        # 'small' is the tiny text-only causal LM unless images are asked for (then the tiny Qwen2-VL)
+        self.backbone = build_backbone(config, store, "cpu", text_only=mode is not True)
+        if mode is True and not self.backbone.is_vision:
+            raise ConfigError(f"almost_images=true: ranker_model={config['ranker_model']!r} has no vision tower; "
+                              "use an image-text-to-text model (a Qwen2-VL hub id or folder, or small), "
+                              "or almost_images: auto")
+        self.use_images = self.backbone.is_vision and mode is not False
         lm = self.backbone.model
         self.lm = lm  # registered: LoRA weights are parameters of this model
         self.tokenizer = self.backbone.tokenizer
@@ -72,6 +115,10 @@ class ALMOSTREC(SequentialRecommender):
         self._prefix = tok(config["almost_instruction"].format(domain=config["prompt_domain"]),
                            add_special_tokens=False)["input_ids"]
         self._suffix = tok(config["almost_answer_prefix"], add_special_tokens=False)["input_ids"]
+        if self.use_images:
+            self.store = store
+            self.processor = self.backbone.processor
+            self._image_text = image_placeholder(self.processor)
 
     # ------------------------------------------------------------------------------ prompt
     def _title_ids(self, store) -> list[list[int]]:
@@ -125,11 +172,107 @@ class ALMOSTREC(SequentialRecommender):
         last = torch.tensor([len(r) - 1 for r in rows], device=device)
         return embeds, mask, slots, last
 
+    def item_images(self, histories: list[list[int]]) -> list[list]:
+        """Each history item's image (``None``: no usable image) from the item store."""
+        n = len(self.store)
+        return [[self.store.image(i) if i < n else None for i in hist] for hist in histories]
+
+    def build_image_inputs(self, histories: list[list[int]], images: list[list] | None = None):
+        """(inputs, slots, last) with images: per history item its image's tokens (the processor's
+        expansion of the chat template's image part, with its pixels), then its title tokens, then
+        the behaviour token's slot; an item without an image: title and slot only. ``inputs`` are
+        the backbone's keyword arguments (``input_ids`` with a placeholder at each slot, the mask,
+        the processor's pixel tensors); ``slots`` and ``last`` as in :meth:`build_inputs`.
+        ``images`` (default: the store's) is one list per history, ``None`` for no image."""
+        images = self.item_images(histories) if images is None else images
+        shown = [img for row in images for img in row if img is not None]
+        segments, per_token = [], []
+        if shown:
+            out = self.processor(text=[self._image_text] * len(shown), images=shown, padding=True, return_tensors="pt")
+            ids = out["input_ids"]
+            per_token = [k for k, v in out.items() if k != "attention_mask" and torch.is_tensor(v) and v.shape == ids.shape]
+            keep = out["attention_mask"].bool()
+            segments = [{k: out[k][j][keep[j]].tolist() for k in per_token} for j in range(len(shown))]
+        pad = self.tokenizer.pad_token_id
+        rows, slots, seen = [], [], iter(segments)
+        for hist, imgs in zip(histories, images):
+            row = {k: [] for k in per_token}
+            row.setdefault("input_ids", [])
+
+            def text(ids):
+                for k in row:
+                    row[k].extend(ids if k == "input_ids" else [0] * len(ids))
+
+            text(self._prefix)
+            marks = []
+            for item, img in zip(hist, imgs):
+                if img is not None:
+                    for k, v in next(seen).items():
+                        row[k].extend(v)
+                text(self._item_ids[item])
+                marks.append((len(row["input_ids"]), item))
+                text([pad])  # placeholder, replaced by the behaviour token
+            text(self._suffix)
+            rows.append(row)
+            slots.append(marks)
+        length = max(len(r["input_ids"]) for r in rows)
+        device = self.w_b.weight.device
+        inputs = {k: torch.full((len(rows), length), pad if k == "input_ids" else 0, dtype=torch.long)
+                  for k in rows[0]}
+        inputs["attention_mask"] = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, row in enumerate(rows):
+            n = len(row["input_ids"])
+            for k, v in row.items():
+                inputs[k][r, :n] = torch.tensor(v, dtype=torch.long)
+            inputs["attention_mask"][r, :n] = 1
+        if shown:
+            inputs.update({k: v for k, v in out.items() if k not in inputs and k not in per_token})
+        last = torch.tensor([len(r["input_ids"]) - 1 for r in rows], device=device)
+        return {k: v.to(device) for k, v in inputs.items()}, slots, last
+
+    def behaviour_tokens(self, slots) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """((rows, positions), W_B(M[item])) of every slot (``None`` tokens when there is none)."""
+        device = self.w_b.weight.device
+        pos = [(r, p, item) for r, marks in enumerate(slots) for p, item in marks]
+        if not pos:
+            return (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)), None
+        r_idx, p_idx, items = (torch.tensor(x, device=device) for x in zip(*pos))
+        return (r_idx, p_idx), self.w_b(self.item_table[items].to(self.w_b.weight.dtype))
+
+    @contextmanager
+    def placed_behaviour_tokens(self, slots):
+        """While open, the backbone's input embedding puts W_B(M[item]) at each slot.
+
+        A forward hook, because with images the backbone must embed ``input_ids`` itself: it reads
+        them for the image placeholders (where the vision tower's output goes) and for its
+        position ids (Qwen2-VL's M-RoPE), so ``inputs_embeds`` cannot be handed in instead."""
+        where, tokens = self.behaviour_tokens(slots)
+
+        def put(module, args, output):
+            if tokens is None:
+                return output
+            return output.index_put(where, tokens.to(output.dtype))
+
+        handle = self.lm.get_input_embeddings().register_forward_hook(put)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def last_hidden(self, histories: list[list[int]]) -> torch.Tensor:
+        """The last layer's hidden state at each row's last prompt token (rows x d_m)."""
+        if self.use_images:
+            inputs, slots, last = self.build_image_inputs(histories)
+            with self.placed_behaviour_tokens(slots):
+                out = self.lm(**inputs, output_hidden_states=True)
+        else:
+            embeds, mask, _, last = self.build_inputs(histories)
+            out = self.lm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+        return out.hidden_states[-1][torch.arange(len(last), device=last.device), last]
+
     def forward(self, interaction) -> torch.Tensor:
         """Scores of every item (rows x |I|) from the head on the last hidden state."""
-        embeds, mask, _, last = self.build_inputs(self.histories(interaction))
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
-        hidden = out.hidden_states[-1][torch.arange(len(last), device=last.device), last]
+        hidden = self.last_hidden(self.histories(interaction))
         return self.w_t(hidden.to(self.w_t.weight.dtype)).float()
 
     def calculate_loss(self, interaction):

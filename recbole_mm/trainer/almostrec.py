@@ -12,12 +12,32 @@ from recbole.trainer import Trainer
 
 from recbole_mm.files import dataset_fingerprint, fingerprint
 from recbole_mm.lmm.candidate_ranker import ndcg_at
+from recbole_mm.lmm.defaults import LMM_BASE, model_yaml, shipped_defaults
 from recbole_mm.trainer.checkpoint import plain_config, safe_load
 from recbole_mm.trainer.ranker_training import lora_state
-from recbole_mm.trainer.stage_store import EVALUATION_ONLY_KEYS, StageStore
+from recbole_mm.trainer.stage_store import EVALUATION_ONLY_KEYS, StageKeys, StageRule, StageStore
 from recbole_mm.trainer.tracking import peak_memory_mb
 
 logger = getLogger(__name__)
+
+
+def almostrec_stage_keys() -> StageKeys:
+    """ALMOSTREC's stages and which of its settings (``_lmm.yaml`` + ``ALMOSTREC.yaml``) key each.
+
+    ``almost_base*`` key stage ``base`` (the embedding model; its own config, with the run's shared
+    data settings, is in the key as well); the LMM base yaml's keys, ``ranker_*``, ``lora_*``,
+    ``prompt_*``, ``image_*`` and the other ``almost_*`` key stage ``head`` (which is retrained on
+    every run; its key is logged). Every key no rule matches keys both (a new setting retrains the
+    base rather than reusing it); ``almost_eval_batch_size`` and ``almost_log_every`` key neither.
+    """
+    return StageKeys(
+        stages=("base", "head"),
+        rules=[StageRule("base", prefixes=("almost_base",)),
+               StageRule("head", prefixes=("almost_", "ranker_", "lora_", "prompt_", "image_"),
+                         keys=(*model_yaml(LMM_BASE), "train_neg_sample_args"))],
+        keys=shipped_defaults("ALMOSTREC"),
+        evaluation_only=("almost_eval_batch_size", "almost_log_every"),
+        inputs=("seed",))
 
 
 class ALMOSTRECTrainer(Trainer):
@@ -29,6 +49,8 @@ class ALMOSTRECTrainer(Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.stages = StageStore(config["artifacts_dir"])
+        #: which settings key each stage (by rule, see :func:`almostrec_stage_keys`)
+        self.stage_keys = almostrec_stage_keys()
         self.stage_log: dict[str, dict] = {}
         self.history: list[dict] = []
         self._train = self._valid = None
@@ -45,7 +67,7 @@ class ALMOSTRECTrainer(Trainer):
         started = time.perf_counter()
         bconf = self.model.base_config
         settings = {k: v for k, v in plain_config(bconf, external_only=True).items() if k not in EVALUATION_ONLY_KEYS}
-        key = fingerprint("base", bconf["model"], settings, self.config["almost_base_checkpoint"],
+        key = fingerprint("base", bconf["model"], settings, self.stage_keys.settings(self.config, "base"),
                           dataset_fingerprint(bconf))
 
         compute = sub_model_stage(bconf, self.model.base, self.config["almost_base_checkpoint"], "base.pth",
@@ -163,8 +185,9 @@ class ALMOSTRECTrainer(Trainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.saved_model_file = None  # ALMOSTREC's weights: the stage artefact (base) + this process's head
         try:
-            self.train_base()
+            base = self.train_base()
             self.train_head(train_data, valid_data)
+            self.stage_log["head"]["key"] = fingerprint("head", base, self.stage_keys.settings(self.config, "head"))
         except BaseException:
             self.stages.remove_unfinished_empty()
             raise
