@@ -7,15 +7,15 @@ from recbole_mm.quick_start import run_recbole_mm
 
 
 def _config(data_path, tmp_path, **extra):
-    return tiny_config(
-        data_path,
+    settings = dict(
         almost_base_config={"epochs": 1, "hidden_size": 16, "inner_size": 32},
         ranker_model="small",
         ranker_small={"hidden_size": 32, "num_layers": 1, "num_heads": 2, "vocab_size": 400},
         max_history_items=4, attr_max_tokens=4,
         almost_train_examples=16, almost_valid_users=8, almost_batch_size=4, almost_grad_accum=1,
         almost_warmup_steps=1, almost_valid_every=2, almost_patience=2, almost_learning_rate=0.01,
-        topk=[5, 10], valid_metric="NDCG@10", artifacts_dir=str(tmp_path / "artifacts"), **extra)
+        topk=[5, 10], valid_metric="NDCG@10", artifacts_dir=str(tmp_path / "artifacts"))
+    return tiny_config(data_path, **{**settings, **extra})
 
 
 def _model_and_data(tiny_dataset, tmp_path, **extra):
@@ -168,3 +168,207 @@ def test_an_unknown_embedding_field_is_one_line_naming_it(tiny_dataset, tmp_path
 
     with pytest.raises(ConfigError, match="almost_embedding_field='nope'"):
         _model_and_data(tiny_dataset, tmp_path, almost_embedding_field="nope")
+
+
+# ------------------------------------------------------------------------------ with images
+def _vision_model(tiny_dataset, tmp_path, **extra):
+    """ALMOSTREC on the tiny Qwen2-VL (almost_images: true), each item's image at 56x56 (4 tokens)
+    to 84x84 pixels."""
+    settings = {"almost_images": True, "image_min_pixels": 56 * 56, "image_max_pixels": 84 * 84, **extra}
+    return _model_and_data(tiny_dataset, tmp_path, **settings)
+
+
+def _qwen2_vl_size(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 84 * 84):
+    """Qwen2-VL's resize rule (its model card): each side rounded to a multiple of ``factor`` (two
+    14-pixel patches, merged 2x2 into one token), then scaled into [min_pixels, max_pixels]."""
+    import math
+
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def _language_model(model):
+    return model.lm.get_base_model().model.language_model
+
+
+def test_with_images_each_behaviour_token_follows_its_image_and_title_tokens(tiny_dataset, tmp_path):
+    config, model, train, _, _ = _vision_model(tiny_dataset, tmp_path)
+    assert model.backbone.is_vision and model.use_images
+    store = train._dataset.item_store
+    inter = train._dataset.inter_feat[:8]
+    seq, lengths = inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN]
+    histories = [seq[r, max(0, int(lengths[r]) - 4):int(lengths[r])].tolist() for r in range(len(seq))]
+    # one item loses its image (the file is gone): it shows its title and behaviour token only
+    without = histories[-1][-1]
+    store.image_path(without).unlink()
+    assert store.image(without) is None
+    assert any(without in h and len(set(h)) > 1 for h in histories)
+    model.eval()
+    captured = {}
+
+    def grab_ids(module, args, kwargs):
+        captured["ids"], captured["mask"] = kwargs["input_ids"].clone(), kwargs["attention_mask"].clone()
+
+    def grab_embeds(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    handles = [model.lm.get_base_model().register_forward_pre_hook(grab_ids, with_kwargs=True),
+               _language_model(model).register_forward_pre_hook(grab_embeds, with_kwargs=True)]
+    with torch.no_grad():
+        model.full_sort_predict(inter)
+    for h in handles:
+        h.remove()
+    tok, table = model.tokenizer, model.lm.get_input_embeddings().weight
+    start, pad_id, end = (tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"))
+    w, b = model.w_b.weight.detach(), model.w_b.bias.detach()
+    for r, history in enumerate(histories):
+        # the expected sequence, rebuilt from the store's titles and images, the tokenizer and
+        # Qwen2-VL's resize rule (28-pixel cells of 2x2 merged 14-pixel patches = one token each)
+        ids = tok(config["almost_instruction"].format(domain=config["prompt_domain"]),
+                  add_special_tokens=False)["input_ids"]
+        slots, image_spans = [], []
+        for item in history:
+            img = store.image(item)
+            if img is not None:
+                h, w_px = _qwen2_vl_size(img.height, img.width)
+                n = (h // 28) * (w_px // 28)
+                image_spans.append((len(ids) + 1, n))
+                ids = ids + [start] + [pad_id] * n + [end]
+            title = store.get(item, "title") or store.token(item)
+            ids = ids + tok(str(title), add_special_tokens=False)["input_ids"][:4]
+            slots.append(len(ids))  # right after the title tokens (and the image before them)
+            ids = ids + [-1]
+        ids = ids + tok(config["almost_answer_prefix"], add_special_tokens=False)["input_ids"]
+        assert int(captured["mask"][r].sum()) == len(ids)
+        got = captured["ids"][r, :len(ids)].tolist()
+        assert [g for g, e in zip(got, ids) if e >= 0] == [e for e in ids if e >= 0]
+        assert len(image_spans) == sum(store.image(i) is not None for i in history)
+        embeds = captured["embeds"][r]
+        expected = model.item_table.detach()[history] @ w.T + b
+        assert torch.allclose(embeds[slots], expected, atol=1e-6)  # one behaviour token per item, at its slot
+        for p, t in enumerate(ids):
+            if t >= 0 and t != pad_id:
+                assert torch.equal(embeds[p], table[t]), (r, p)
+        for first, n in image_spans:  # the vision tower's output replaced every image placeholder
+            assert not torch.isclose(embeds[first:first + n], table[pad_id].expand(n, -1)).all(dim=1).any()
+    assert any(without in h for h in histories) and store.image(without) is None
+
+
+def test_with_images_another_image_changes_scores_and_batches_are_independent(tiny_dataset, tmp_path):
+    from PIL import Image
+
+    _, model, _, _, test = _vision_model(tiny_dataset, tmp_path)
+    model.eval()
+    inter = next(iter(test))[0][:10]
+    histories = model.histories(inter)
+    with torch.no_grad():
+        batch = model.full_sort_predict(inter)
+        assert batch.shape == (len(inter), model.n_items) and torch.isfinite(batch).all()
+        for r in range(len(inter)):
+            alone = model.full_sort_predict(inter[[r]])
+            assert torch.allclose(batch[r], alone[0], atol=1e-5), r
+        # another picture for one item: the rows that show it score differently, the others do not
+        item = histories[0][-1]
+        store, original = model.store, model.store.image
+
+        def image(i):
+            return Image.new("RGB", original(i).size, (255, 255, 255)) if i == item else original(i)
+
+        store.image = image
+        try:
+            changed = model.full_sort_predict(inter)
+        finally:
+            del store.image
+    shows = torch.tensor([item in h for h in histories])
+    assert shows.any() and not shows.all()
+    assert ((changed - batch).abs().amax(1)[shows] > 1e-4).all()
+    assert torch.allclose(changed[~shows], batch[~shows], atol=1e-5)
+
+
+def test_end_to_end_with_images_trains_lora_wb_wt_and_m_stays_bit_identical(tiny_dataset, tmp_path):
+    from recbole_mm.config import Config
+    from recbole_mm.trainer.checkpoint import safe_load
+    from recbole_mm.trainer.standalone import train_and_test
+
+    data_path, name = tiny_dataset
+    config = Config("ALMOSTREC", name, config_dict=_config(data_path, tmp_path, almost_images=True,
+                                                           almost_train_positions="last"))
+    result, trainer, model = train_and_test(config, saved=True)
+    assert model.use_images and model.backbone.is_vision
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or n.startswith(("w_b.", "w_t.")) for n in trainable), trainable
+    assert not any("visual" in n for n in trainable) and any("lora_" in n for n in trainable)
+    stage1 = safe_load(str(next((tmp_path / "artifacts").glob("base-*/base.pth"))), map_location="cpu")
+    for n, p in model.base.state_dict().items():
+        assert torch.equal(p.cpu(), stage1[n]), n
+    assert set(result["test_result"]) >= {"ndcg@10", "recall@10"} and 0 <= result["test_result"]["ndcg@10"] <= 1
+    head = result["stages"]["head"]
+    assert head["examples"] <= 16 and head["steps"] > 0 and head["key"]
+
+
+def test_almost_images_settings(tiny_dataset, tmp_path):
+    import pytest
+
+    from recbole_mm.errors import ConfigError
+    from recbole_mm.lmm.tiny_models import build_tiny_causal_lm, build_tiny_vlm
+    from recbole_mm.model.almostrec import images_mode
+
+    assert [images_mode(v) for v in ("auto", "AUTO", True, "true", False, "False")] == [
+        "auto", "auto", True, True, False, False]
+    with pytest.raises(ConfigError, match="almost_images='sometimes'"):
+        _model_and_data(tiny_dataset, tmp_path, almost_images="sometimes")
+    # a backbone without a vision tower: auto is the text path, true is an error naming the model
+    folder = build_tiny_causal_lm(str(tmp_path / "lm"), ["a title", "another title"], hidden_size=32,
+                                  num_layers=1, num_heads=2, vocab_size=300)
+    _, model, _, _, _ = _model_and_data(tiny_dataset, tmp_path, ranker_model=folder)
+    assert not model.use_images
+    with pytest.raises(ConfigError, match=r"almost_images=true: ranker_model=.*has no vision tower"):
+        _model_and_data(tiny_dataset, tmp_path, ranker_model=folder, almost_images=True)
+    # small with almost_images: false (or auto) is the text-only tiny LM; a vision backbone given by
+    # its folder with almost_images: false takes the text path (inputs_embeds, no image)
+    _, model, _, _, _ = _vision_model(tiny_dataset, tmp_path, almost_images=False)
+    assert not model.backbone.is_vision
+    vlm = build_tiny_vlm(str(tmp_path / "vlm"), ["a title", "another title"], hidden_size=32, num_layers=1,
+                         num_heads=2, vocab_size=300)
+    _, model, _, _, test = _vision_model(tiny_dataset, tmp_path, ranker_model=vlm, almost_images=False)
+    assert model.backbone.is_vision and not model.use_images
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model.full_sort_predict(next(iter(test))[0][:3])).all()
+
+
+def test_every_key_of_almostrec_is_classified():
+    import yaml
+
+    from recbole_mm.trainer.almostrec import almostrec_stage_keys
+    from recbole_mm.trainer.stage_store import EVERY_STAGE, StageKeys
+
+    keys = almostrec_stage_keys()
+    folder = __import__("os").path.join(__import__("os").path.dirname(__import__("os").path.dirname(
+        __import__("os").path.abspath(__file__))), "properties", "model")
+    shipped = {}
+    for name in ("_lmm", "ALMOSTREC"):
+        with open(f"{folder}/{name}.yaml", encoding="utf-8") as f:
+            shipped.update(yaml.safe_load(f))
+    assert set(keys.keys) == set(shipped)
+    assert keys.unclassified() == [], "declare these keys: a stage rule, every_stage or evaluation-only"
+    # the embedding model retrains on its own settings only (and the seed); the head's and the
+    # backbone's settings never retrain it; evaluation-only settings key neither stage
+    assert keys.stage_keys("base") == ["almost_base_checkpoint", "almost_base_config", "almost_base_model", "seed"]
+    head = set(keys.stage_keys("head"))
+    assert {"almost_images", "almost_learning_rate", "almost_embedding_field", "lora_r", "ranker_model",
+            "image_max_pixels", "max_history_items", "attr_max_tokens", "seed"} <= head
+    assert not head & {"almost_base_model", "almost_eval_batch_size", "almost_log_every", "artifacts_dir", "topk"}
+    assert {k: keys.classify(k) for k in ("almost_eval_batch_size", "almost_log_every", "artifacts_dir")} == dict.fromkeys(
+        ("almost_eval_batch_size", "almost_log_every", "artifacts_dir"))
+    # a new key nobody declared keys both stages: it retrains the base rather than reusing it
+    bigger = StageKeys(keys.stages, keys.rules, [*keys.keys, "brand_new", "almost_new"], keys.every_stage,
+                       keys.evaluation_only, keys.inputs)
+    assert bigger.classify("brand_new") == EVERY_STAGE and "brand_new" in bigger.stage_keys("base")
+    assert bigger.classify("almost_new") == "head"
