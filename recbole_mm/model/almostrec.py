@@ -63,6 +63,12 @@ def image_placeholder(processor) -> str:
     return token
 
 
+def _add_text(row: dict[str, list[int]], ids: list[int]) -> None:
+    """Append text token ids to a row under construction (its other per-token fields: 0, text)."""
+    for k, values in row.items():
+        values.extend(ids if k == "input_ids" else [0] * len(ids))
+
+
 class ALMOSTREC(SequentialRecommender):
     """ALMOSTREC as a RecBole model; :class:`recbole_mm.trainer.almostrec.ALMOSTRECTrainer` trains it.
 
@@ -196,23 +202,17 @@ class ALMOSTREC(SequentialRecommender):
         pad = self.tokenizer.pad_token_id
         rows, slots, seen = [], [], iter(segments)
         for hist, imgs in zip(histories, images):
-            row = {k: [] for k in per_token}
-            row.setdefault("input_ids", [])
-
-            def text(ids):
-                for k in row:
-                    row[k].extend(ids if k == "input_ids" else [0] * len(ids))
-
-            text(self._prefix)
+            row = {"input_ids": [], **{k: [] for k in per_token}}
+            _add_text(row, self._prefix)
             marks = []
             for item, img in zip(hist, imgs):
                 if img is not None:
                     for k, v in next(seen).items():
                         row[k].extend(v)
-                text(self._item_ids[item])
+                _add_text(row, self._item_ids[item])
                 marks.append((len(row["input_ids"]), item))
-                text([pad])  # placeholder, replaced by the behaviour token
-            text(self._suffix)
+                _add_text(row, [pad])  # placeholder, replaced by the behaviour token
+            _add_text(row, self._suffix)
             rows.append(row)
             slots.append(marks)
         length = max(len(r["input_ids"]) for r in rows)
@@ -247,10 +247,11 @@ class ALMOSTREC(SequentialRecommender):
         them for the image placeholders (where the vision tower's output goes) and for its
         position ids (Qwen2-VL's M-RoPE), so ``inputs_embeds`` cannot be handed in instead."""
         where, tokens = self.behaviour_tokens(slots)
+        rows = len(slots)
 
         def put(module, args, output):
-            if tokens is None:
-                return output
+            if tokens is None or output.dim() != 3 or output.size(0) != rows:
+                return output  # not this prompt batch's embedding (e.g. one token's, looked up alone)
             return output.index_put(where, tokens.to(output.dtype))
 
         handle = self.lm.get_input_embeddings().register_forward_hook(put)
