@@ -263,7 +263,8 @@ def test_with_images_each_behaviour_token_follows_its_image_and_title_tokens(tin
 def test_with_images_another_image_changes_scores_and_batches_are_independent(tiny_dataset, tmp_path):
     from PIL import Image
 
-    _, model, _, _, test = _vision_model(tiny_dataset, tmp_path)
+    # no cache of processed images: the store's image is read on every call
+    _, model, _, _, test = _vision_model(tiny_dataset, tmp_path, almost_image_cache=0)
     model.eval()
     inter = next(iter(test))[0][:10]
     histories = model.histories(inter)
@@ -289,6 +290,26 @@ def test_with_images_another_image_changes_scores_and_batches_are_independent(ti
     assert shows.any() and not shows.all()
     assert ((changed - batch).abs().amax(1)[shows] > 1e-4).all()
     assert torch.allclose(changed[~shows], batch[~shows], atol=1e-5)
+
+
+def test_cached_image_segments_equal_the_processors_batch(tiny_dataset, tmp_path):
+    _, model, _, _, test = _vision_model(tiny_dataset, tmp_path, almost_image_cache=5)
+    inter = next(iter(test))[0][:6]
+    histories = model.histories(inter)
+    first, _, _ = model.build_image_inputs(histories)
+    assert 0 < len(model._image_cache) <= 5
+    again, _, _ = model.build_image_inputs(histories)  # partly from the cache
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    # the pixels equal one processor call over every shown image, in order (as PRIME's encode does)
+    shown = [img for row in model.item_images(histories) for img in row if img is not None]
+    batch = model.processor(text=[model._image_text] * len(shown), images=shown, return_tensors="pt")
+    assert torch.equal(first["pixel_values"], batch["pixel_values"])
+    assert torch.equal(first["image_grid_thw"], batch["image_grid_thw"])
+    assert int((first["input_ids"] == model.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) == int(
+        (batch["input_ids"] == model.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
+    model.image_cache_size = 0
+    cold, _, _ = model.build_image_inputs(histories)
+    assert all(torch.equal(first[k], cold[k]) for k in first)
 
 
 def test_end_to_end_with_images_trains_lora_wb_wt_and_m_stays_bit_identical(tiny_dataset, tmp_path):
@@ -365,8 +386,8 @@ def test_every_key_of_almostrec_is_classified():
     assert {"almost_images", "almost_learning_rate", "almost_embedding_field", "lora_r", "ranker_model",
             "image_max_pixels", "max_history_items", "attr_max_tokens", "seed"} <= head
     assert not head & {"almost_base_model", "almost_eval_batch_size", "almost_log_every", "artifacts_dir", "topk"}
-    assert {k: keys.classify(k) for k in ("almost_eval_batch_size", "almost_log_every", "artifacts_dir")} == dict.fromkeys(
-        ("almost_eval_batch_size", "almost_log_every", "artifacts_dir"))
+    evaluation_only = ("almost_eval_batch_size", "almost_log_every", "almost_image_cache", "artifacts_dir")
+    assert {k: keys.classify(k) for k in evaluation_only} == dict.fromkeys(evaluation_only)
     # a new key nobody declared keys both stages: it retrains the base rather than reusing it
     bigger = StageKeys(keys.stages, keys.rules, [*keys.keys, "brand_new", "almost_new"], keys.every_stage,
                        keys.evaluation_only, keys.inputs)

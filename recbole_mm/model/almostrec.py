@@ -4,6 +4,7 @@ an all-item softmax head on the last hidden state."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import contextmanager
 from logging import getLogger
 
@@ -125,6 +126,8 @@ class ALMOSTREC(SequentialRecommender):
             self.store = store
             self.processor = self.backbone.processor
             self._image_text = image_placeholder(self.processor)
+            self.image_cache_size = int(config["almost_image_cache"] or 0)
+            self._image_cache: OrderedDict[int, dict] = OrderedDict()
 
     # ------------------------------------------------------------------------------ prompt
     def _title_ids(self, store) -> list[list[int]]:
@@ -183,24 +186,50 @@ class ALMOSTREC(SequentialRecommender):
         n = len(self.store)
         return [[self.store.image(i) if i < n else None for i in hist] for hist in histories]
 
+    def image_segment(self, image) -> dict:
+        """One image through the backbone's processor: ``{"tokens": {field: ids}, "pixels": {key:
+        tensor}}``, the image part's per-token fields (``input_ids``, Qwen2-VL's ``mm_token_type_ids``)
+        and its pixel tensors (``pixel_values``, ``image_grid_thw``; one image's rows, which the
+        processor concatenates along dim 0 for several images)."""
+        out = self.processor(text=[self._image_text], images=[image], return_tensors="pt")
+        ids = out["input_ids"]
+        tokens = {k: v[0].tolist() for k, v in out.items()
+                  if k != "attention_mask" and torch.is_tensor(v) and v.shape == ids.shape}
+        return {"tokens": tokens, "pixels": {k: v for k, v in out.items() if k not in tokens and k != "attention_mask"}}
+
+    def _item_segment(self, item: int, image) -> dict:
+        """:meth:`image_segment` of a store item's image, kept for the next ``almost_image_cache``
+        distinct items (least recently used dropped): the processor's resizing costs more than the
+        tiny model's forward pass, and history items repeat across prompts."""
+        if self.image_cache_size <= 0:
+            return self.image_segment(image)
+        hit = self._image_cache.get(item)
+        if hit is None:
+            hit = self._image_cache[item] = self.image_segment(image)
+            while len(self._image_cache) > self.image_cache_size:
+                self._image_cache.popitem(last=False)
+        else:
+            self._image_cache.move_to_end(item)
+        return hit
+
     def build_image_inputs(self, histories: list[list[int]], images: list[list] | None = None):
         """(inputs, slots, last) with images: per history item its image's tokens (the processor's
         expansion of the chat template's image part, with its pixels), then its title tokens, then
         the behaviour token's slot; an item without an image: title and slot only. ``inputs`` are
         the backbone's keyword arguments (``input_ids`` with a placeholder at each slot, the mask,
         the processor's pixel tensors); ``slots`` and ``last`` as in :meth:`build_inputs`.
-        ``images`` (default: the store's) is one list per history, ``None`` for no image."""
-        images = self.item_images(histories) if images is None else images
-        shown = [img for row in images for img in row if img is not None]
-        segments, per_token = [], []
-        if shown:
-            out = self.processor(text=[self._image_text] * len(shown), images=shown, padding=True, return_tensors="pt")
-            ids = out["input_ids"]
-            per_token = [k for k, v in out.items() if k != "attention_mask" and torch.is_tensor(v) and v.shape == ids.shape]
-            keep = out["attention_mask"].bool()
-            segments = [{k: out[k][j][keep[j]].tolist() for k in per_token} for j in range(len(shown))]
+        ``images`` (default: the store's, through the cache) is one list per history, ``None`` for
+        no image."""
+        if images is None:
+            images = self.item_images(histories)
+            segment = self._item_segment
+        else:
+            segment = lambda item, image: self.image_segment(image)  # noqa: E731  (given images: no cache)
+        segments = [segment(item, img) for hist, row in zip(histories, images) for item, img in zip(hist, row)
+                    if img is not None]
+        per_token = list(segments[0]["tokens"]) if segments else []
         pad = self.tokenizer.pad_token_id
-        rows, slots, seen = [], [], iter(segments)
+        rows, slots, seen = [], [], iter(s["tokens"] for s in segments)
         for hist, imgs in zip(histories, images):
             row = {"input_ids": [], **{k: [] for k in per_token}}
             _add_text(row, self._prefix)
@@ -225,8 +254,8 @@ class ALMOSTREC(SequentialRecommender):
             for k, v in row.items():
                 inputs[k][r, :n] = torch.tensor(v, dtype=torch.long)
             inputs["attention_mask"][r, :n] = 1
-        if shown:
-            inputs.update({k: v for k, v in out.items() if k not in inputs and k not in per_token})
+        if segments:
+            inputs.update({k: torch.cat([s["pixels"][k] for s in segments]) for k in segments[0]["pixels"]})
         last = torch.tensor([len(r["input_ids"]) - 1 for r in rows], device=device)
         return {k: v.to(device) for k, v in inputs.items()}, slots, last
 

@@ -28,7 +28,8 @@ def almostrec_stage_keys() -> StageKeys:
     data settings, is in the key as well); the LMM base yaml's keys, ``ranker_*``, ``lora_*``,
     ``prompt_*``, ``image_*`` and the other ``almost_*`` key stage ``head`` (which is retrained on
     every run; its key is logged). Every key no rule matches keys both (a new setting retrains the
-    base rather than reusing it); ``almost_eval_batch_size`` and ``almost_log_every`` key neither.
+    base rather than reusing it); ``almost_eval_batch_size``, ``almost_log_every`` and
+    ``almost_image_cache`` (speed and logging only) key neither.
     """
     return StageKeys(
         stages=("base", "head"),
@@ -36,7 +37,7 @@ def almostrec_stage_keys() -> StageKeys:
                StageRule("head", prefixes=("almost_", "ranker_", "lora_", "prompt_", "image_"),
                          keys=(*model_yaml(LMM_BASE), "train_neg_sample_args"))],
         keys=shipped_defaults("ALMOSTREC"),
-        evaluation_only=("almost_eval_batch_size", "almost_log_every"),
+        evaluation_only=("almost_eval_batch_size", "almost_log_every", "almost_image_cache"),
         inputs=("seed",))
 
 
