@@ -290,14 +290,17 @@ class ALMOSTREC(SequentialRecommender):
             handle.remove()
 
     def last_hidden(self, histories: list[list[int]]) -> torch.Tensor:
-        """The last layer's hidden state at each row's last prompt token (rows x d_m)."""
+        """The last layer's hidden state at each row's last prompt token (rows x d_m). The LM head's
+        vocabulary logits are computed for one position only (``logits_to_keep=1``; unused here,
+        the hidden states are unchanged): over every position they would cost prompt length x
+        vocabulary per row (SmolLM2: 49,152 columns)."""
         if self.use_images:
             inputs, slots, last = self.build_image_inputs(histories)
             with self.placed_behaviour_tokens(slots):
-                out = self.lm(**inputs, output_hidden_states=True)
+                out = self.lm(**inputs, output_hidden_states=True, logits_to_keep=1)
         else:
             embeds, mask, _, last = self.build_inputs(histories)
-            out = self.lm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+            out = self.lm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
         return out.hidden_states[-1][torch.arange(len(last), device=last.device), last]
 
     def forward(self, interaction) -> torch.Tensor:
