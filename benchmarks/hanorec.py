@@ -8,9 +8,9 @@ Protocols:
            rows) AUC. The paper splits whole sequences 8:1:1 instead.
   full     the project's: RecBole full ranking, HaNoRec reranks the retriever's top n_candidates.
 
-    # ml-1m, the paper's protocol (the prepared dataset in /work/main/dataset):
+    # ml-1m, the paper's protocol (recbole-mm-data prepare ml-1m-llamarec writes dataset/ml-1m-llamarec):
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/hanorec.py --protocol=sampled \\
-        --data_path=/work/main/dataset --dataset=ml-1m --history_cap=6 --users=300
+        --data_path=dataset --dataset=ml-1m-llamarec --history_cap=6 --users=300
     # ml-100k (RecBole's bundled copy), full ranking:
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/hanorec.py --protocol=full --dataset=ml-100k \\
         --set n_candidates=20
@@ -167,7 +167,7 @@ def parse_set(items: list[str]) -> dict:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--protocol", default="sampled", choices=("sampled", "full"))
-    parser.add_argument("--dataset", default="ml-1m")
+    parser.add_argument("--dataset", default="ml-1m-llamarec")
     parser.add_argument("--data_path", default=None, help="folder of dataset folders (~: the project's default)")
     parser.add_argument("--history_cap", type=int, default=None, help="keep each user's last N interactions (paper: 6)")
     parser.add_argument("--users", type=int, default=None, help="with --history_cap: a seeded sample of users")
