@@ -104,9 +104,18 @@ def truncate(data_path: str, name: str, cap: int, out_root: str, users: int | No
 
 
 def run_one(label, model, dataset, cfg, files, folder) -> dict:
+    """One row in its own process; a finished row with the same model, dataset, settings and preset
+    files (``<folder>/row.json``) is reused, so an interrupted table resumes."""
     os.makedirs(folder, exist_ok=True)
-    out = os.path.join(folder, "result.json")
-    started = time.perf_counter()
+    out, done = os.path.join(folder, "result.json"), os.path.join(folder, "row.json")
+    key = json.loads(json.dumps({"model": model, "dataset": dataset, "config": cfg, "files": files}, default=str))
+    if os.path.isfile(done):
+        with open(done) as f:
+            previous = json.load(f)
+        if previous.get("key") == key:
+            print(f"reusing the finished row {label}", flush=True)
+            return previous["row"]
+    load_before, started = loadavg(), time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _RUNNER, model, dataset, json.dumps(cfg), json.dumps(files), out],
                           cwd=folder, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
@@ -116,9 +125,14 @@ def run_one(label, model, dataset, cfg, files, folder) -> dict:
         result = json.load(f)
     stages = {k: {"wall_s": v.get("wall_s"), "peak_rss_mb": v.get("peak_rss_mb"), "reused": bool(v.get("reused"))}
               for k, v in (result.get("stages") or {}).items()}
-    return {"label": label, "model": model, "dataset": dataset, **result["test_result"],
+    row = {"label": label, "model": model, "dataset": dataset, **result["test_result"],
             "time_per_epoch_s": result.get("time_per_epoch_s"), "peak_rss_mb": result.get("peak_rss_mb"),
-            "total_time_s": result.get("total_time_s"), "wall_s": time.perf_counter() - started, "stages": stages}
+            "total_time_s": result.get("total_time_s"), "wall_s": time.perf_counter() - started, "stages": stages,
+            "load": f"{load_before} -> {loadavg()}"}
+    from recbole_mm.files import write_json
+
+    write_json(done, {"key": key, "row": row})
+    return row
 
 
 def _stage_cell(stage: dict) -> str:
@@ -127,11 +141,11 @@ def _stage_cell(stage: dict) -> str:
 
 
 def table(rows: list[dict], metrics: list[str]) -> str:
-    cols = ["label", *metrics, "peak_rss_mb", "wall_s", "stages (wall s / peak MB)"]
+    cols = ["label", *metrics, "peak_rss_mb", "wall_s", "stages (wall s / peak MB)", "load"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         stages = "; ".join(f"{k} {_stage_cell(v)}" for k, v in r["stages"].items())
-        cells = [r["label"], *(r.get(m) for m in metrics), r["peak_rss_mb"], r["wall_s"], stages or "-"]
+        cells = [r["label"], *(r.get(m) for m in metrics), r["peak_rss_mb"], r["wall_s"], stages or "-", r.get("load")]
         lines.append("| " + " | ".join("-" if c is None else f"{c:.4g}" if isinstance(c, float) else str(c)
                                        for c in cells) + " |")
     return "\n".join(lines)
@@ -162,6 +176,22 @@ def parse_set(items: list[str]) -> dict:
             raise SystemExit(f"--set {item!r}: write key=value")
         out[key] = yaml.safe_load(value)
     return out
+
+
+def write_table(rows: list[dict], meta: dict, dataset: str, protocol: str, out: str) -> None:
+    """``hanorec_<dataset>_<protocol>.md`` and ``.json`` of the rows so far."""
+    from recbole_mm.files import atomic_output, write_json
+
+    meta = {**meta, "loadavg_end": loadavg()}
+    metrics = (["hit@3", "ndcg@3", "auc"] if protocol == "sampled"
+               else ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10"])
+    stem = os.path.join(out, f"hanorec_{dataset}_{protocol}")
+    write_json(stem + ".json", {"meta": meta, "rows": rows})
+    with atomic_output(stem + ".md") as f:
+        f.write(f"# HaNoRec on {dataset}, protocol {protocol}\n\n{table(rows, metrics)}\n\n"
+                f"AUC: HaNoRec rows only (share of (target, negative) pairs ordered correctly). "
+                f"load: /proc/loadavg (1, 5, 15 min) before -> after each row.\n\n"
+                + "".join(f"- {k}: `{v}`\n" for k, v in meta.items()))
 
 
 def main(argv=None) -> list[dict]:
@@ -226,16 +256,7 @@ def main(argv=None) -> list[dict]:
         folder = os.path.join(out, "hanorec_runs", f"{dataset}_{args.protocol}", label.replace(" ", "_").replace("+", "p"))
         rows.append(run_one(label, model, dataset, cfg, files, folder))
         print(json.dumps(rows[-1]), flush=True)
-    meta["loadavg_end"] = loadavg()
-    metrics = (["hit@3", "ndcg@3", "auc"] if args.protocol == "sampled"
-               else ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10"])
-    stem = os.path.join(out, f"hanorec_{dataset}_{args.protocol}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(f"# HaNoRec on {dataset}, protocol {args.protocol}\n\n{table(rows, metrics)}\n\n"
-                f"AUC: HaNoRec rows only (share of (target, negative) pairs ordered correctly).\n\n"
-                + "".join(f"- {k}: `{v}`\n" for k, v in meta.items()))
+        write_table(rows, meta, dataset, args.protocol, out)  # after every row: an interrupted table keeps its rows
     return rows
 
 

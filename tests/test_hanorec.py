@@ -271,3 +271,6 @@ def test_benchmark_smoke_writes_the_table(tmp_path):
     assert rows[1]["stages"]["ranker"]["reused"] and not rows[1]["stages"]["dpo"]["reused"]
     text = (tmp_path / "bench" / "hanorec_mmfix-last6_sampled.md").read_text()
     assert "| full |" in text and "git_commit" in text and "loadavg_start" in text
+    # a rerun reuses the finished rows (row.json) instead of training again
+    again = _bench().main(["--smoke", f"--out={tmp_path / 'bench'}", "--rows=SFT only,SASRec"])
+    assert again[0]["wall_s"] == rows[0]["wall_s"] and again[1]["wall_s"] == rows[2]["wall_s"]
