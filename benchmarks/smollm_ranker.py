@@ -4,6 +4,7 @@
     python benchmarks/smollm_ranker.py --row zeroshot
     python benchmarks/smollm_ranker.py --row lora --lr 5e-4       # LoRA on N training prompts
     python benchmarks/smollm_ranker.py --row small --lr 1e-3      # today's small random model, same prompts
+    python benchmarks/smollm_ranker.py --row lora --lr 1e-3 --set ranker_min_history=4 --tag minhist4
     python benchmarks/smollm_ranker.py --report                   # benchmarks/results/smollm_ranker.md
 
 Every row uses PRIME with the prime-smollm preset on RecBole's bundled ml-100k (text only), the same
@@ -104,6 +105,19 @@ def ranker_ranks(ranker, examples, batch_size: int) -> tuple[torch.Tensor, float
     return rank, per_prompt[len(per_prompt) // 2] if per_prompt else float("nan")
 
 
+def parse_set(items: list[str]) -> dict:
+    """``key=value`` settings (values read as YAML: numbers, booleans, lists)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected key=value, e.g. --set ranker_min_history=4")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def run_row(args) -> dict:
     overrides = {}
     if args.row == "small":
@@ -112,6 +126,7 @@ def run_row(args) -> dict:
         overrides["ranker_learning_rate"] = args.lr
     if args.prompts is not None:
         overrides["ranker_train_examples"] = args.prompts
+    overrides.update(parse_set(args.set))
     started = time.perf_counter()
     config, trainer, train_data, valid_data, test_data = setup(overrides)
     examples = trainer.validation_examples(test_data, users=args.users)
@@ -137,7 +152,8 @@ def run_row(args) -> dict:
     row.update(summarize(rank))
     row["wall_s"] = time.perf_counter() - started
     name = args.row + (f"_lr{args.lr:g}" if args.lr is not None and args.row == "lora" else "")
-    row["name"] = name
+    name += f"_{args.tag}" if args.tag else ""
+    row.update(name=name, tag=args.tag, settings=parse_set(args.set))
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"smollm_ranker_{name}.json"), "w", encoding="utf-8") as f:
         json.dump(row, f, indent=1)
@@ -156,7 +172,7 @@ def report() -> None:
             with open(os.path.join(RESULTS, name), encoding="utf-8") as f:
                 rows.append(json.load(f))
     order = {"retriever": 0, "zeroshot": 1, "lora": 2, "small": 3}
-    rows.sort(key=lambda r: (order.get(r["row"], 9), r.get("learning_rate") or 0))
+    rows.sort(key=lambda r: (order.get(r["row"], 9), r.get("learning_rate") or 0, r.get("tag") or ""))
     base = next((r for r in rows if r["row"] == "retriever"), None)
     lines = ["# SmolLM2-135M-Instruct as PRIME's ranker on ml-100k (CPU)", "",
              "Made by `benchmarks/smollm_ranker.py` (one process per row, then `--report`); preset "
@@ -169,6 +185,8 @@ def report() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         label = LABELS.get(r["row"], f"SmolLM2 + LoRA (lr {r.get('learning_rate')})")
+        if r.get("settings"):
+            label += ", " + ", ".join(f"{k} {v}" for k, v in r["settings"].items())
         notes = []
         if "train_prompts" in r and r["train_prompts"] is not None:
             notes.append(f"{r['train_prompts']} training prompts, ranker stage {r['ranker_stage_s']:.0f} s "
@@ -209,6 +227,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--prompts", type=int, default=None, help="training prompts (default: the preset's)")
     parser.add_argument("--users", type=int, default=500)
+    parser.add_argument("--set", action="append", default=[], help="key=value for the row's config (repeatable)")
+    parser.add_argument("--tag", default=None, help="suffix of the row's result file (rows that differ by --set)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.row:
