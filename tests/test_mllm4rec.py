@@ -170,7 +170,7 @@ def test_bad_caption_source_and_preference_stage_are_one_line_errors(tiny_datase
     with pytest.raises(ConfigError, match="caption_source='colour'.*no item"):
         run_recbole_mm("MLLM4Rec", name, config_dict={**cfg, "caption_source": "colour"})
     with pytest.raises(ConfigError, match="preference_optimization"):
-        run_recbole_mm("MLLM4Rec", name, config_dict={**cfg, "preference_optimization": True})
+        run_recbole_mm("MLLM4Rec", name, config_dict={**cfg, "caption_source": "none", "preference_optimization": True})
 
 
 def test_every_key_of_mllm4rec_is_classified():
