@@ -78,13 +78,23 @@ def lrurec_point(users: int, items: int, workdir: str, smoke: bool) -> dict:
 
 
 def run_point(users: int, items: int, workdir: str, smoke: bool, in_process: bool) -> dict:
+    """One LRURec point (in its own process unless ``in_process``); a finished point's
+    ``<workdir>/point.json`` is reused, so an interrupted run resumes."""
     if in_process:
         return lrurec_point(users, items, workdir, smoke)
+    done = os.path.join(workdir, "point.json")
+    if os.path.isfile(done):
+        with open(done, encoding="utf-8") as f:
+            return json.load(f)
     cmd = [sys.executable, os.path.abspath(__file__), "--point", f"{users},{items}", "--workdir", workdir]
     proc = subprocess.run(cmd + (["--smoke"] if smoke else []), capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         raise RuntimeError(f"point users={users} items={items} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    point = json.loads(proc.stdout.strip().splitlines()[-1])
+    from recbole_mm.files import write_json
+
+    write_json(done, point)
+    return point
 
 
 def prime_points(candidates: list[int], users: int, ranker_model: str, workdir: str, smoke: bool) -> list[dict]:
