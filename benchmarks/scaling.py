@@ -52,6 +52,12 @@ def write_dataset(folder: str, name: str, users: int, items: int, seed: int = 0)
     return total
 
 
+def eval_users_per_batch(items: int, budget_floats: int = 2 ** 26) -> int:
+    """Users per full-ranking batch so that the batch's score matrix stays at ``budget_floats``
+    (256 MiB of float32; RecBole's default of 4096 users would be 16 GB per copy at 10^6 items)."""
+    return int(max(16, min(4096, budget_floats // (items + 1))))
+
+
 def lrurec_point(users: int, items: int, workdir: str, smoke: bool) -> dict:
     """One epoch of LRURec on a fresh synthetic dataset: time per epoch, per evaluated user, peak memory."""
     from recbole_mm.quick_start import run_recbole_mm
@@ -67,7 +73,9 @@ def lrurec_point(users: int, items: int, workdir: str, smoke: bool) -> dict:
             "data_path": data, "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "epochs": 1,
             "eval_step": 1, "show_progress": False, "state": "ERROR", "checkpoint_dir": os.path.join(workdir, "saved"),
             "MAX_ITEM_LIST_LENGTH": 50, "train_batch_size": 128,
-            "eval_batch_size": max(4096, 64 * (items + 1)),  # RecBole counts users x items: 64 users per batch
+            # for a sequential model RecBole's full-ranking eval_batch_size counts USERS (rows), each
+            # scored against every item: a batch holds eval_batch_size x |I| floats (a few copies)
+            "eval_batch_size": eval_users_per_batch(items),
             **({"hidden_size": 16} if smoke else {})})
     finally:
         os.chdir(cwd)
@@ -77,9 +85,28 @@ def lrurec_point(users: int, items: int, workdir: str, smoke: bool) -> dict:
             "peak_rss_mb": result["peak_rss_mb"], "wall_s": time.perf_counter() - started}
 
 
-def run_point(users: int, items: int, workdir: str, smoke: bool, in_process: bool) -> dict:
-    """One LRURec point (in its own process unless ``in_process``); a finished point's
-    ``<workdir>/point.json`` is reused, so an interrupted run resumes."""
+def watch_rss(proc: subprocess.Popen, max_rss_gb: float, every_s: float = 0.5) -> float | None:
+    """Wait for ``proc``; kill it if its resident memory passes ``max_rss_gb`` (returns the GB seen),
+    so that a point too large for the machine is a recorded result instead of the OOM killer
+    picking a victim among the machine's other processes. None when the process ended by itself."""
+    status = f"/proc/{proc.pid}/status"
+    while proc.poll() is None:
+        try:
+            with open(status) as f:
+                rss_kb = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        except (OSError, StopIteration):
+            rss_kb = 0
+        if rss_kb / 2 ** 20 > max_rss_gb:
+            proc.kill()
+            proc.wait()
+            return rss_kb / 2 ** 20
+        time.sleep(every_s)
+    return None
+
+
+def run_point(users: int, items: int, workdir: str, smoke: bool, in_process: bool, max_rss_gb: float = 16.0) -> dict:
+    """One LRURec point (in its own process unless ``in_process``, stopped past ``max_rss_gb``); a
+    finished point's ``<workdir>/point.json`` is reused, so an interrupted run resumes."""
     if in_process:
         return lrurec_point(users, items, workdir, smoke)
     done = os.path.join(workdir, "point.json")
@@ -87,10 +114,17 @@ def run_point(users: int, items: int, workdir: str, smoke: bool, in_process: boo
         with open(done, encoding="utf-8") as f:
             return json.load(f)
     cmd = [sys.executable, os.path.abspath(__file__), "--point", f"{users},{items}", "--workdir", workdir]
-    proc = subprocess.run(cmd + (["--smoke"] if smoke else []), capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-        raise RuntimeError(f"point users={users} items={items} failed:\n{proc.stderr[-3000:]}")
-    point = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen(cmd + (["--smoke"] if smoke else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    peak = watch_rss(proc, max_rss_gb)
+    out, err = proc.communicate()
+    if peak is not None:  # stopped by the watchdog: the point does not fit; recorded, not fitted
+        point = {"users": users, "items": items, "interactions": None,
+                 "stopped": f"resident memory passed {max_rss_gb:g} GB ({peak:.1f} GB seen)"}
+    elif proc.returncode:
+        raise RuntimeError(f"point users={users} items={items} failed:\n{err[-3000:]}")
+    else:
+        point = json.loads(out.strip().splitlines()[-1])
     from recbole_mm.files import write_json
 
     write_json(done, point)
@@ -163,6 +197,7 @@ def report(out: str, results: dict, command: str) -> None:
     slopes = {}
     for (key, label), ax in zip(panels, axes):
         for sweep, points in results["lrurec"].items():
+            points = [p for p in points if not p.get("stopped")]
             xs = [p["items"] if sweep == "items" else p["users"] for p in points]
             ys = [p[key] for p in points]
             s = slope(xs, ys) if len(xs) > 1 else float("nan")
@@ -190,7 +225,8 @@ def report(out: str, results: dict, command: str) -> None:
              "| sweep | users | items | interactions | s / epoch | eval s / user | peak RSS MiB |", "|---|---|---|---|---|---|---|"]
     for sweep, points in results["lrurec"].items():
         lines += [f"| {sweep} | {p['users']} | {p['items']} | {p['interactions']} | {p['time_per_epoch_s']:.3g} | "
-                  f"{p['eval_s_per_user']:.3g} | {p['peak_rss_mb']:.0f} |" for p in points]
+                  f"{p['eval_s_per_user']:.3g} | {p['peak_rss_mb']:.0f} |" if not p.get("stopped") else
+                  f"| {sweep} | {p['users']} | {p['items']} | - | stopped: {p['stopped']} | - | - |" for p in points]
     lines += ["", "| n_candidates | s / user (ranker) |", "|---|---|"]
     lines += [f"| {p['n_candidates']} | {p['s_per_user']:.3g} |" for p in prime]
     lines += ["", "Fitted log-log slopes: " + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items()), "",
@@ -208,6 +244,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ranker_model", default="small", help="small (random weights), smollm2, a hub id or folder")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "scaling"))
     parser.add_argument("--workdir", default=None, help="scratch folder (default: <out>/work)")
+    parser.add_argument("--max_rss_gb", type=float, default=16.0,
+                        help="a point whose resident memory passes this is stopped and recorded as not fitting")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, in one process: seconds")
     parser.add_argument("--point", default=None, help=argparse.SUPPRESS)  # users,items: one LRURec point
     args = parser.parse_args(argv)
@@ -231,7 +269,8 @@ def main(argv=None) -> int:
         points = []
         for n in sizes:
             users, items = {"items": (sizes[0], n), "users": (n, sizes[0]), "both": (n, n)}[sweep]
-            points.append(run_point(users, items, os.path.join(workdir, f"{sweep}-{n}"), args.smoke, args.smoke))
+            points.append(run_point(users, items, os.path.join(workdir, f"{sweep}-{n}"), args.smoke, args.smoke,
+                                    args.max_rss_gb))
             print(f"[scaling] LRURec {sweep} users={users} items={items}: {points[-1]}", flush=True)
         results["lrurec"][sweep] = points
     results["prime"] = prime_points(candidates, args.prime_users, args.ranker_model, workdir, args.smoke)

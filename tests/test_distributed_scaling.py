@@ -37,3 +37,31 @@ def test_smoke_run_writes_table_figure_and_slopes(tmp_path):
     assert [p["n_candidates"] for p in results["prime"]] == [2, 4]
     assert all(np.isfinite(v) for v in results["slopes"].values())
     assert (out / "scaling.png").stat().st_size > 0 and "Fitted log-log slopes" in (out / "scaling.md").read_text()
+
+
+def test_eval_batch_bounds_the_score_matrix():
+    # users per full-ranking batch x (items + 1) stays within 2^26 floats; RecBole's 4096 at small |I|
+    assert scaling.eval_users_per_batch(10_000) == 4096
+    assert scaling.eval_users_per_batch(1_000_000) == 67
+    assert scaling.eval_users_per_batch(1_000_000) * 1_000_001 <= 2 ** 26
+    assert scaling.eval_users_per_batch(10 ** 8) == 16
+
+
+def test_a_point_past_the_memory_limit_is_stopped_and_recorded(tmp_path):
+    import subprocess
+
+    grow = "import time; x = bytearray(400 * 2 ** 20); x[::4096] = b'1' * len(x[::4096]); time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", grow])
+    seen = scaling.watch_rss(proc, max_rss_gb=0.2, every_s=0.05)
+    assert seen is not None and seen > 0.2 and proc.returncode is not None   # killed, not left sleeping
+    quick = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert scaling.watch_rss(quick, max_rss_gb=0.2) is None and quick.returncode == 0
+    # a stopped point is listed in the table and left out of the fits
+    fine = {"users": 10, "interactions": 50, "time_per_epoch_s": 1.0, "eval_s_per_user": 0.1, "peak_rss_mb": 100}
+    results = {"loadavg": "0 0 0", "ranker_model": "small",
+               "lrurec": {"items": [{**fine, "items": 10}, {**fine, "items": 100, "time_per_epoch_s": 10.0},
+                                    {"users": 10, "items": 1000, "interactions": None, "stopped": "memory"}]},
+               "prime": [{"n_candidates": 5, "s_per_user": 0.1}, {"n_candidates": 10, "s_per_user": 0.2}]}
+    scaling.report(str(tmp_path), results, "test")
+    assert results["slopes"]["items:time_per_epoch_s"] == pytest.approx(1.0)
+    assert "stopped: memory" in (tmp_path / "scaling.md").read_text()
