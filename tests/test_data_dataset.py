@@ -258,3 +258,20 @@ def test_recommender_reads_the_interactions_again_without_building_vectors(data,
     expected = [rec.item_id(i) for i, _ in sorted(((r[1], float(r[2])) for r in items), key=lambda x: x[1])]
     assert rec.sequences()[rec.user_id(user)] == expected
     assert rec.title(expected[0]) == dataset.item_store.attributes(expected[0])["title"]
+
+
+def test_a_full_ranking_batch_over_a_gib_is_warned_about_with_a_bound(tiny_dataset, caplog):
+    import logging
+
+    from recbole_mm.config import Config
+    from recbole_mm.data.preparation import create_dataset, data_preparation
+
+    data_path, name = tiny_dataset
+    for batch, warned in ((64, False), (2 ** 24, True)):  # 2^24 users x 31 items x 4 B = 1.9 GiB
+        config = Config("SASRec", name, config_dict=tiny_config(data_path, eval_batch_size=batch))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="recbole_mm.data.preparation"):
+            data_preparation(config, create_dataset(config))
+        messages = [r.getMessage() for r in caplog.records if "full-ranking batch" in r.getMessage()]
+        assert bool(messages) == warned
+    assert f"eval_batch_size={2 ** 24} users x 31 items" in messages[0] and "about 2164802" in messages[0]

@@ -110,6 +110,12 @@ def data_preparation(config, dataset):
             loaders.append(SequentialFullSortEvalDataLoader(config, ds, sampler, history=history))
         else:
             loaders.append(cls(config, ds, sampler, shuffle=False))
+    if sequential:
+        scores = int(config["eval_batch_size"]) * dataset.item_num
+        if scores * 4 > 2 ** 30:  # full ranking: eval_batch_size USERS per batch, each scored against every item
+            logger.warning(f"eval_batch_size={config['eval_batch_size']} users x {dataset.item_num} items: each "
+                           f"full-ranking batch holds {scores * 4 / 2 ** 30:.1f} GiB of float32 scores (several copies "
+                           f"at a time); set eval_batch_size to about {max(16, 2 ** 26 // dataset.item_num)} to bound it")
     logger.info(f"[Training]: train_batch_size = [{config['train_batch_size']}], train rows = {len(train_dataset)}; "
                 f"[Evaluation]: eval_batch_size = [{config['eval_batch_size']}], mask_history = {config['mask_history']}")
     return train_data, loaders[0], loaders[1]
