@@ -49,6 +49,12 @@ def write_dataset(folder: str, name: str, users: int, items: int, seed: int = 0)
     with open(os.path.join(folder, name, f"{name}.inter"), "w", encoding="utf-8") as f:
         f.write("user_id:token\titem_id:token\ttimestamp:float\n")
         f.writelines(f"u{u}\ti{i}\t{t}\n" for u, i, t in zip(user_ids, item_ids, stamps))
+    # the catalog: every item, interacted with or not, so that the model's item space (its output
+    # layer, the full-ranking score matrix) has ``items`` rows; without it RecBole keeps only the
+    # items that occur, far fewer than 10^6 when a 10^4-user sample meets a long tail
+    with open(os.path.join(folder, name, f"{name}.item"), "w", encoding="utf-8") as f:
+        f.write("item_id:token\n")
+        f.writelines(f"i{i}\n" for i in range(items))
     return total
 
 
@@ -70,7 +76,7 @@ def lrurec_point(users: int, items: int, workdir: str, smoke: bool) -> dict:
     try:
         started = time.perf_counter()
         result = run_recbole_mm("LRURec", name, saved=False, config_dict={
-            "data_path": data, "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "epochs": 1,
+            "data_path": data, "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id"]}, "epochs": 1,
             "eval_step": 1, "show_progress": False, "state": "ERROR", "checkpoint_dir": os.path.join(workdir, "saved"),
             "MAX_ITEM_LIST_LENGTH": 50, "train_batch_size": 128,
             # for a sequential model RecBole's full-ranking eval_batch_size counts USERS (rows), each

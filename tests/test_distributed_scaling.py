@@ -65,3 +65,17 @@ def test_a_point_past_the_memory_limit_is_stopped_and_recorded(tmp_path):
     scaling.report(str(tmp_path), results, "test")
     assert results["slopes"]["items:time_per_epoch_s"] == pytest.approx(1.0)
     assert "stopped: memory" in (tmp_path / "scaling.md").read_text()
+
+
+def test_the_model_sees_the_whole_catalog(tmp_path):
+    # 300 users draw far fewer than 5,000 distinct items; the .item file keeps them all in the item space
+    scaling.write_dataset(str(tmp_path), "cat", users=300, items=5000, seed=2)
+    from recbole_mm.config import Config
+    from recbole_mm.data.preparation import create_dataset
+
+    config = Config("LRURec", "cat", config_dict={
+        "data_path": str(tmp_path), "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id"]},
+        "state": "ERROR"})
+    dataset = create_dataset(config)
+    assert len(set(dataset.inter_feat["item_id"].tolist())) < 2000
+    assert dataset.item_num == 5000 + 1   # + padding
