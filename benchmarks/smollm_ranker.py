@@ -173,6 +173,8 @@ def report() -> None:
                 rows.append(json.load(f))
     order = {"retriever": 0, "zeroshot": 1, "lora": 2, "small": 3}
     rows.sort(key=lambda r: (order.get(r["row"], 9), r.get("learning_rate") or 0, r.get("tag") or ""))
+    tagged = [r for r in rows if r.get("tag")]
+    rows = [r for r in rows if not r.get("tag")]
     base = next((r for r in rows if r["row"] == "retriever"), None)
     lines = ["# SmolLM2-135M-Instruct as PRIME's ranker on ml-100k (CPU)", "",
              "Made by `benchmarks/smollm_ranker.py` (one process per row, then `--report`); preset "
@@ -208,12 +210,29 @@ def report() -> None:
         uniform = sum(1 / math.log2(r + 2) for r in range(min(10, k))) / k
         lines += ["", f"Reference: a uniformly random order of the {k} candidates has expected within-candidates "
                   f"NDCG@10 {uniform:.4f}."]
-    curves = [r for r in rows if r.get("history")]
+    if tagged:  # rows made with --tag: a later run, its own retriever row; compared within this table only
+        lines += ["", "Rows made with `--tag` (a later run with the retriever of that day; compare them with each "
+                  "other, not with the table above):", "",
+                  "| row | tag | NDCG@10 | Recall@10 | within candidates NDCG@10 | hit users | train prompts | "
+                  "best validation NDCG@10 (step 0 = before training) | ranker stage s | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in tagged:
+            hist = r.get("history") or []
+            best = max(hist, key=lambda h: h["valid_ndcg@10"]) if hist else None
+            label = LABELS.get(r["row"], f"SmolLM2 + LoRA (lr {r.get('learning_rate')})")
+            if r.get("settings"):
+                label += ", " + ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+            lines.append(f"| {label} | {r['tag']} | {r['ndcg@10']:.4f} ± {r['ndcg@10_se']:.4f} | "
+                         f"{r['recall@10']:.4f} | {r['within_ndcg@10']:.4f} ± {r['within_ndcg@10_se']:.4f} | "
+                         f"{r['hit_users']}/{r['users']} | {r.get('train_prompts') or '-'} | "
+                         + (f"{best['valid_ndcg@10']:.4f} (step {best['step']})" if best else "-") + " | "
+                         + (f"{r['ranker_stage_s']:.0f}" if r.get("ranker_stage_s") else "-") + f" | {' '.join(r['load'])} |")
+    curves = [r for r in rows + tagged if r.get("history")]
     if curves:
         lines += ["", "Validation curves of stage 2 (NDCG@10 on the preset's validation users, retriever "
                   "top-k as candidates; step 0 = before training):", ""]
         for r in curves:
-            lines.append(f"- {LABELS.get(r['row'], 'SmolLM2 + LoRA lr ' + str(r.get('learning_rate')))}: " +
+            lines.append(f"- {LABELS.get(r['row'], 'SmolLM2 + LoRA lr ' + str(r.get('learning_rate')))}"
+                         f"{' (' + r['tag'] + ')' if r.get('tag') else ''}: " +
                          ", ".join(f"step {h['step']}: {h['valid_ndcg@10']:.4f}"
                                    + (f" (loss {h['loss']:.3f})" if 'loss' in h else "") for h in r["history"]))
     with open(os.path.join(RESULTS, "smollm_ranker.md"), "w", encoding="utf-8") as f:
