@@ -91,12 +91,19 @@ def lrurec_point(users: int, items: int, workdir: str, smoke: bool) -> dict:
             "peak_rss_mb": result["peak_rss_mb"], "wall_s": time.perf_counter() - started}
 
 
-def watch_rss(proc: subprocess.Popen, max_rss_gb: float, every_s: float = 0.5) -> float | None:
+def watch_rss(proc: subprocess.Popen, max_rss_gb: float, every_s: float = 0.5,
+              max_s: float | None = None) -> float | str | None:
     """Wait for ``proc``; kill it if its resident memory passes ``max_rss_gb`` (returns the GB seen),
     so that a point too large for the machine is a recorded result instead of the OOM killer
-    picking a victim among the machine's other processes. None when the process ended by itself."""
+    picking a victim among the machine's other processes, or if it runs past ``max_s`` seconds
+    (returns a message). None when the process ended by itself."""
     status = f"/proc/{proc.pid}/status"
+    deadline = None if max_s is None else time.monotonic() + max_s
     while proc.poll() is None:
+        if deadline is not None and time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            return f"ran past the {max_s:g} s limit of a point"
         try:
             with open(status) as f:
                 rss_kb = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
@@ -110,7 +117,8 @@ def watch_rss(proc: subprocess.Popen, max_rss_gb: float, every_s: float = 0.5) -
     return None
 
 
-def run_point(users: int, items: int, workdir: str, smoke: bool, in_process: bool, max_rss_gb: float = 16.0) -> dict:
+def run_point(users: int, items: int, workdir: str, smoke: bool, in_process: bool, max_rss_gb: float = 16.0,
+              max_point_s: float | None = None) -> dict:
     """One LRURec point (in its own process unless ``in_process``, stopped past ``max_rss_gb``); a
     finished point's ``<workdir>/point.json`` is reused, so an interrupted run resumes."""
     if in_process:
@@ -122,11 +130,12 @@ def run_point(users: int, items: int, workdir: str, smoke: bool, in_process: boo
     cmd = [sys.executable, os.path.abspath(__file__), "--point", f"{users},{items}", "--workdir", workdir]
     proc = subprocess.Popen(cmd + (["--smoke"] if smoke else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)
-    peak = watch_rss(proc, max_rss_gb)
+    peak = watch_rss(proc, max_rss_gb, max_s=max_point_s)
     out, err = proc.communicate()
     if peak is not None:  # stopped by the watchdog: the point does not fit; recorded, not fitted
         point = {"users": users, "items": items, "interactions": None,
-                 "stopped": f"resident memory passed {max_rss_gb:g} GB ({peak:.1f} GB seen)"}
+                 "stopped": peak if isinstance(peak, str) else
+                 f"resident memory passed {max_rss_gb:g} GB ({peak:.1f} GB seen)"}
     elif proc.returncode:
         raise RuntimeError(f"point users={users} items={items} failed:\n{err[-3000:]}")
     else:
@@ -252,6 +261,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None, help="scratch folder (default: <out>/work)")
     parser.add_argument("--max_rss_gb", type=float, default=16.0,
                         help="a point whose resident memory passes this is stopped and recorded as not fitting")
+    parser.add_argument("--max_point_s", type=float, default=None,
+                        help="a point running longer than this is stopped and recorded (default: no limit)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, in one process: seconds")
     parser.add_argument("--point", default=None, help=argparse.SUPPRESS)  # users,items: one LRURec point
     args = parser.parse_args(argv)
@@ -276,7 +287,7 @@ def main(argv=None) -> int:
         for n in sizes:
             users, items = {"items": (sizes[0], n), "users": (n, sizes[0]), "both": (n, n)}[sweep]
             points.append(run_point(users, items, os.path.join(workdir, f"{sweep}-{n}"), args.smoke, args.smoke,
-                                    args.max_rss_gb))
+                                    args.max_rss_gb, args.max_point_s))
             print(f"[scaling] LRURec {sweep} users={users} items={items}: {points[-1]}", flush=True)
         results["lrurec"][sweep] = points
     results["prime"] = prime_points(candidates, args.prime_users, args.ranker_model, workdir, args.smoke)

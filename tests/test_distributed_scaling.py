@@ -54,6 +54,8 @@ def test_a_point_past_the_memory_limit_is_stopped_and_recorded(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", grow])
     seen = scaling.watch_rss(proc, max_rss_gb=0.2, every_s=0.05)
     assert seen is not None and seen > 0.2 and proc.returncode is not None   # killed, not left sleeping
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    assert "limit" in scaling.watch_rss(slow, max_rss_gb=10, every_s=0.05, max_s=0.5) and slow.returncode is not None
     quick = subprocess.Popen([sys.executable, "-c", "pass"])
     assert scaling.watch_rss(quick, max_rss_gb=0.2) is None and quick.returncode == 0
     # a stopped point is listed in the table and left out of the fits
