@@ -28,22 +28,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ["recall@10", "ndcg@10", "recall@20", "ndcg@20"]
-
-_RUNNER = """
-import json, sys
-from recbole_mm.quick_start import run_recbole_mm
-model, dataset, cfg, files, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
-r = run_recbole_mm(model, dataset, config_dict=cfg, config_file_list=files or None)
-r.pop("test_per_user", None)
-json.dump(r, open(out, "w"), default=str)
-"""
-
 
 def variants(smoke: bool) -> list[tuple[str, str, dict, bool]]:
     """(label, model, overrides, uses the ALMOSTREC preset)."""
@@ -65,14 +54,6 @@ def smoke_overrides(data_path: str) -> dict:
             "almost_batch_size": 4, "almost_valid_every": 2, "almost_warmup_steps": 1}
 
 
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def git_commit() -> str:
     proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return proc.stdout.strip() or "unknown"
@@ -91,41 +72,23 @@ def backbone_name(cfg: dict, files: list[str]) -> str:
 
 
 def run_one(label, model, dataset, cfg, files, folder) -> dict:
-    os.makedirs(folder, exist_ok=True)
-    out, done = os.path.join(folder, "result.json"), os.path.join(folder, "row.json")
-    settings = {"model": model, "dataset": dataset, "config": cfg, "files": files}
-    if os.path.isfile(done):
-        with open(done) as f:
-            previous = json.load(f)
-        if previous.get("settings") == json.loads(json.dumps(settings)):
-            print(f"reusing {label} on {dataset} ({done})", flush=True)
-            return previous["row"]
-    load_before, started = loadavg(), time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, model, dataset, json.dumps(cfg), json.dumps(files), out],
-                          cwd=folder, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
-    if proc.returncode:
-        raise SystemExit(f"{label} on {dataset} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    with open(out) as f:
-        result = json.load(f)
-    test = result["test_result"]
-    stages = result.get("stages") or {}
-    head = stages.get("head", {})
-    row = {"label": label, "dataset": dataset, **{m: test.get(m) for m in METRICS},
-           "train_s_per_example": head.get("train_s_per_example"),
-           "eval_s_per_user": (stages.get("evaluate") or {}).get("eval_s_per_user"),
-           "time_per_epoch_s": result.get("time_per_epoch_s"),
-           "peak_rss_mb": result.get("peak_rss_mb"), "total_time_s": result.get("total_time_s"),
-           "backbone": backbone_name(cfg, files) if model == "ALMOSTREC" else "none",
-           "wall_s": time.perf_counter() - started, "load": f"{load_before} -> {loadavg()}",
-           "saved_model_file": os.path.join(folder, result["saved_model_file"]) if result.get("saved_model_file") else None,
-           "best_epoch": result.get("best_epoch"), "epochs_run": result.get("epochs_run"),
-           "base_checkpoint": cfg.get("almost_base_checkpoint")}
-    tmp = done + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"settings": settings, "row": row}, f, indent=1, default=str)
-    os.replace(tmp, done)
-    return row
+    """One row in its own process, reused when finished (:func:`recbole_mm.bench.run_config_row`)."""
+    from recbole_mm.bench import run_config_row
+
+    def to_row(result: dict) -> dict:
+        test, stages = result["test_result"], result.get("stages") or {}
+        return {"label": label, "dataset": dataset, **{m: test.get(m) for m in METRICS},
+                "train_s_per_example": stages.get("head", {}).get("train_s_per_example"),
+                "eval_s_per_user": (stages.get("evaluate") or {}).get("eval_s_per_user"),
+                "time_per_epoch_s": result.get("time_per_epoch_s"),
+                "peak_rss_mb": result.get("peak_rss_mb"), "total_time_s": result.get("total_time_s"),
+                "backbone": backbone_name(cfg, files) if model == "ALMOSTREC" else "none",
+                "saved_model_file": (os.path.join(folder, result["saved_model_file"])
+                                     if result.get("saved_model_file") else None),
+                "best_epoch": result.get("best_epoch"), "epochs_run": result.get("epochs_run"),
+                "base_checkpoint": cfg.get("almost_base_checkpoint")}
+
+    return run_config_row(label, model, dataset, cfg, files, folder, to_row, extra_pythonpath=ROOT)
 
 
 def table(rows: list[dict]) -> str:

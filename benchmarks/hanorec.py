@@ -32,19 +32,9 @@ import random
 import shlex
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(ROOT, "properties", "preset", "hanorec-cpu.yaml")
-
-_RUNNER = """
-import json, sys
-from recbole_mm.quick_start import run_recbole_mm
-model, dataset, cfg, files, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
-r = run_recbole_mm(model, dataset, config_dict=cfg, config_file_list=files or None)
-r.pop("test_per_user", None)
-json.dump(r, open(out, "w"), default=str)
-"""
 
 ABLATIONS = [("SFT only", {"hanorec_stages": "sft"}),
              ("SFT + DPO", {"hanorec_stages": "sft+dpo", "hars": False, "nodo": False}),
@@ -104,35 +94,17 @@ def truncate(data_path: str, name: str, cap: int, out_root: str, users: int | No
 
 
 def run_one(label, model, dataset, cfg, files, folder) -> dict:
-    """One row in its own process; a finished row with the same model, dataset, settings and preset
-    files (``<folder>/row.json``) is reused, so an interrupted table resumes."""
-    os.makedirs(folder, exist_ok=True)
-    out, done = os.path.join(folder, "result.json"), os.path.join(folder, "row.json")
-    key = json.loads(json.dumps({"model": model, "dataset": dataset, "config": cfg, "files": files}, default=str))
-    if os.path.isfile(done):
-        with open(done) as f:
-            previous = json.load(f)
-        if previous.get("key") == key:
-            print(f"reusing the finished row {label}", flush=True)
-            return previous["row"]
-    load_before, started = loadavg(), time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, model, dataset, json.dumps(cfg), json.dumps(files), out],
-                          cwd=folder, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
-    if proc.returncode:
-        raise SystemExit(f"{label} on {dataset} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    with open(out) as f:
-        result = json.load(f)
-    stages = {k: {"wall_s": v.get("wall_s"), "peak_rss_mb": v.get("peak_rss_mb"), "reused": bool(v.get("reused"))}
-              for k, v in (result.get("stages") or {}).items()}
-    row = {"label": label, "model": model, "dataset": dataset, **result["test_result"],
-            "time_per_epoch_s": result.get("time_per_epoch_s"), "peak_rss_mb": result.get("peak_rss_mb"),
-            "total_time_s": result.get("total_time_s"), "wall_s": time.perf_counter() - started, "stages": stages,
-            "load": f"{load_before} -> {loadavg()}"}
-    from recbole_mm.files import write_json
+    """One row in its own process, reused when finished (:func:`recbole_mm.bench.run_config_row`)."""
+    from recbole_mm.bench import run_config_row
 
-    write_json(done, {"key": key, "row": row})
-    return row
+    def to_row(result: dict) -> dict:
+        stages = {k: {"wall_s": v.get("wall_s"), "peak_rss_mb": v.get("peak_rss_mb"), "reused": bool(v.get("reused"))}
+                  for k, v in (result.get("stages") or {}).items()}
+        return {"label": label, "model": model, "dataset": dataset, **result["test_result"],
+                "time_per_epoch_s": result.get("time_per_epoch_s"), "peak_rss_mb": result.get("peak_rss_mb"),
+                "total_time_s": result.get("total_time_s"), "stages": stages}
+
+    return run_config_row(label, model, dataset, cfg, files, folder, to_row, extra_pythonpath=ROOT)
 
 
 def _stage_cell(stage: dict) -> str:
@@ -149,14 +121,6 @@ def table(rows: list[dict], metrics: list[str]) -> str:
         lines.append("| " + " | ".join("-" if c is None else f"{c:.4g}" if isinstance(c, float) else str(c)
                                        for c in cells) + " |")
     return "\n".join(lines)
-
-
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().strip()
-    except OSError:
-        return "n/a"
 
 
 def git_commit() -> str:
@@ -182,6 +146,8 @@ def write_table(rows: list[dict], meta: dict, dataset: str, protocol: str, out: 
     """``hanorec_<dataset>_<protocol>.md`` and ``.json`` of the rows so far."""
     from recbole_mm.files import atomic_output, write_json
 
+    from recbole_mm.bench import loadavg
+
     meta = {**meta, "loadavg_end": loadavg()}
     metrics = (["hit@3", "ndcg@3", "auc"] if protocol == "sampled"
                else ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10"])
@@ -195,6 +161,8 @@ def write_table(rows: list[dict], meta: dict, dataset: str, protocol: str, out: 
 
 
 def main(argv=None) -> list[dict]:
+    from recbole_mm.bench import loadavg as bench_loadavg
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--protocol", default="sampled", choices=("sampled", "full"))
     parser.add_argument("--dataset", default="ml-1m-llamarec")
@@ -210,7 +178,7 @@ def main(argv=None) -> list[dict]:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     meta = {"command": " ".join(shlex.quote(a) for a in [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])]),
-            "git_commit": git_commit(), "loadavg_start": loadavg()}
+            "git_commit": git_commit(), "loadavg_start": bench_loadavg()}
     common = protocol_settings(args.protocol)
     hanorec_extra, baseline_extra = parse_set(args.set), {}
     dataset, data_path = args.dataset, args.data_path

@@ -52,15 +52,8 @@ def within_candidates_ndcg10(result: dict, k: int) -> float:
 RUNS_FILE: str | None = None  # set by main(): the finished runs of this table
 
 
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def run(model: str, dataset: str, config: dict) -> dict:
+    from recbole_mm.bench import loadavg
     from recbole_mm.files import write_json
     from recbole_mm.quick_start import run_recbole_mm
 

@@ -128,6 +128,59 @@ def run_one(model: str, dataset: str, args: list[str], run_dir: str, rerun: bool
     return result
 
 
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, as the benchmark tables record them."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+_CONFIG_RUNNER = """
+import json, sys
+from recbole_mm.quick_start import run_recbole_mm
+model, dataset, cfg, files, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
+r = run_recbole_mm(model, dataset, config_dict=cfg, config_file_list=files or None)
+r.pop("test_per_user", None)
+json.dump(r, open(out, "w"), default=str)
+"""
+
+
+def run_config_row(label: str, model: str, dataset: str, config: dict, files: list[str], folder: str,
+                   to_row, extra_pythonpath: str | None = None) -> dict:
+    """One benchmark row from a config dict (which the command line of :func:`run_one` cannot carry:
+    nested settings) in its own process (its own peak memory), ``folder`` its working directory.
+    ``to_row(result)`` turns the run's result into the row; ``wall_s`` and ``load`` (before -> after)
+    are added. A finished row in ``<folder>/row.json`` made with the same model, dataset, config and
+    config files is returned instead, so an interrupted table resumes."""
+    from recbole_mm.files import write_json
+
+    os.makedirs(folder, exist_ok=True)
+    out, done = os.path.join(folder, "result.json"), os.path.join(folder, "row.json")
+    settings = json.loads(json.dumps({"model": model, "dataset": dataset, "config": config, "files": files},
+                                     default=str))
+    if os.path.isfile(done):
+        with open(done, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous.get("settings") == settings:
+            print(f"reusing {label} on {dataset} ({done})", flush=True)
+            return previous["row"]
+    load_before, started = loadavg(), time.perf_counter()
+    env = dict(os.environ)
+    if extra_pythonpath:
+        env["PYTHONPATH"] = extra_pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _CONFIG_RUNNER, model, dataset, json.dumps(config), json.dumps(files),
+                           out], cwd=folder, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"{label} on {dataset} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    with open(out, encoding="utf-8") as f:
+        row = to_row(json.load(f))
+    row.update(wall_s=time.perf_counter() - started, load=f"{load_before} -> {loadavg()}")
+    write_json(done, {"settings": settings, "row": row})
+    return row
+
+
 def run_name(model: str, seed: int, seeds: list[int]) -> str:
     """Stored-run name: the model alone for a single default-seed run (older tables), else ``<model>-seed<s>``."""
     return model if seeds == [DEFAULT_SEED] else f"{model}-seed{seed}"

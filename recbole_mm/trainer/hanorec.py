@@ -291,24 +291,17 @@ class HaNoRecTrainer(PRIMETrainer):
         self._stage("dpo", started, key=key, **shown)
 
     # ------------------------------------------------------------------------------- fit
+    def run_stages(self, train_data, valid_data) -> None:
+        """The retriever (full ranking only), SFT, then DPO for ``hanorec_stages: sft+dpo``."""
+        if self.full_ranking:
+            self.train_retriever()
+        self.train_ranker(train_data, valid_data)
+        if self.config["hanorec_stages"] == "sft+dpo":
+            self.train_dpo(train_data, valid_data)
+
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        self.saved_model_file = None  # HaNoRec's weights are its stage artefacts
         self.check_history_cap(valid_data)
-        try:
-            if self.full_ranking:
-                self.train_retriever()
-            self.train_ranker(train_data, valid_data)
-            if self.config["hanorec_stages"] == "sft+dpo":
-                self.train_dpo(train_data, valid_data)
-        except BaseException:
-            self.stages.remove_unfinished_empty()
-            raise
-        self._phase = "valid"
-        result = self.evaluate(valid_data, load_best_model=False, show_progress=show_progress)
-        self._phase = "test"
-        self.best_valid_result = result
-        self.best_valid_score = result[self.valid_metric]
-        return self.best_valid_score, result
+        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
 
     # ------------------------------------------------------------------------ evaluation
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):

@@ -276,6 +276,14 @@ class PRIMETrainer(Trainer):
         barrier()
         return result
 
+    def run_stages(self, train_data, valid_data) -> None:
+        """Train (or reuse) every stage: the retriever (rank 0 first), the ranker, and stage 3 if asked."""
+        with rank0_first(not self.config["single_spec"]):
+            self.train_retriever()
+        self.train_ranker(train_data, valid_data)
+        if self.config["preference_optimization"]:
+            self.optimize_retriever(train_data, valid_data)
+
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         """Stages 1-3, then the two-stage validation. In a process group (``run_recbole_mm.py --nproc``,
         ``torchrun``): rank 0 trains (or reuses) the retriever alone while the others wait, then they
@@ -283,11 +291,7 @@ class PRIMETrainer(Trainer):
         their artefacts (:meth:`run_stage`); the evaluations are sharded by users and gathered."""
         self.saved_model_file = None  # PRIME's weights are its stage artefacts (see extra_results)
         try:
-            with rank0_first(not self.config["single_spec"]):
-                self.train_retriever()
-            self.train_ranker(train_data, valid_data)
-            if self.config["preference_optimization"]:
-                self.optimize_retriever(train_data, valid_data)
+            self.run_stages(train_data, valid_data)
         except BaseException:
             self.stages.remove_unfinished_empty()  # a stage that failed early leaves no empty folder
             raise
