@@ -75,6 +75,8 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
     if nproc == 1 and world_size <= 0:
         return run_recbole_mm(model=model, dataset=dataset, config_file_list=config_file_list,
                               config_dict=config_dict, saved=saved, argv=argv, resume=resume)
+    import os
+
     import torch.multiprocessing as mp
 
     from recbole_mm.errors import ConfigError
@@ -87,6 +89,9 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
     place = {"world_size": world_size, "ip": ip, "port": str(port), "nproc": nproc, "offset": group_offset}
     kwargs = dict(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict,
                   saved=saved, argv=argv, resume=resume)
+    # RecBole's init_logger checks, then creates ./log and ./log/<model> in every worker: two workers
+    # can race between the check and the makedirs (FileExistsError); the launcher makes them first
+    os.makedirs(os.path.join("log", model) if isinstance(model, str) else "log", exist_ok=True)
     mp.spawn(run_worker, args=(kwargs, place, queue), nprocs=nproc, join=True)
     return None if queue.empty() else queue.get()
 
