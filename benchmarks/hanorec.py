@@ -13,7 +13,7 @@ Protocols:
         --data_path=dataset --dataset=ml-1m-llamarec --history_cap=6 --users=300
     # ml-100k (RecBole's bundled copy), full ranking:
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/hanorec.py --protocol=full --dataset=ml-100k \\
-        --set n_candidates=20
+        --set n_candidates=10   # k = 5, 10 only: the ranker runs just for users whose answer is a candidate
     python benchmarks/hanorec.py --smoke --out=/tmp/hanorec   # generated fixture, tiny caps (a test runs it)
 
 Each run is a subprocess (its own peak memory) in a scratch folder; HaNoRec rows share
@@ -44,12 +44,17 @@ ABLATIONS = [("SFT only", {"hanorec_stages": "sft"}),
 BASELINES = ["SASRec", "LRURec"]
 
 
-def protocol_settings(protocol: str) -> dict:
+def protocol_settings(protocol: str, n_candidates: int = 10) -> dict:
+    """RecBole's evaluation settings of a protocol. ``full``: the cut-offs k <= ``n_candidates`` only,
+    so the ranker is called just for the users whose answer is a candidate (``rank_only_hits``)."""
     if protocol == "sampled":
         return {"eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "uni9"},
                 "metrics": ["Hit", "NDCG"], "topk": [3], "valid_metric": "NDCG@3", "n_candidates": 10}
     if protocol == "full":
-        return {"topk": [5, 10, 20], "metrics": ["Recall", "NDCG", "MRR"], "valid_metric": "NDCG@10"}
+        topk = [k for k in (5, 10, 20) if k <= n_candidates]
+        if not topk:
+            raise SystemExit(f"--set n_candidates={n_candidates}: the full protocol reports k = 5, 10, 20; use >= 5")
+        return {"topk": topk, "metrics": ["Recall", "NDCG", "MRR"], "valid_metric": f"NDCG@{max(topk)}"}
     raise SystemExit(f"--protocol={protocol!r}: choose sampled or full")
 
 
@@ -102,7 +107,8 @@ def run_one(label, model, dataset, cfg, files, folder) -> dict:
                   for k, v in (result.get("stages") or {}).items()}
         return {"label": label, "model": model, "dataset": dataset, **result["test_result"],
                 "time_per_epoch_s": result.get("time_per_epoch_s"), "peak_rss_mb": result.get("peak_rss_mb"),
-                "total_time_s": result.get("total_time_s"), "stages": stages}
+                "total_time_s": result.get("total_time_s"), "stages": stages,
+                **({"retriever_test": result["retriever_test_result"]} if result.get("retriever_test_result") else {})}
 
     return run_config_row(label, model, dataset, cfg, files, folder, to_row, extra_pythonpath=ROOT)
 
@@ -142,7 +148,7 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def write_table(rows: list[dict], meta: dict, dataset: str, protocol: str, out: str) -> None:
+def write_table(rows: list[dict], meta: dict, dataset: str, protocol: str, out: str, topk=(5, 10, 20)) -> None:
     """``hanorec_<dataset>_<protocol>.md`` and ``.json`` of the rows so far."""
     from recbole_mm.files import atomic_output, write_json
 
@@ -150,7 +156,11 @@ def write_table(rows: list[dict], meta: dict, dataset: str, protocol: str, out: 
 
     meta = {**meta, "loadavg_end": loadavg()}
     metrics = (["hit@3", "ndcg@3", "auc"] if protocol == "sampled"
-               else ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10"])
+               else [f"{m}@{k}" for k in topk for m in ("recall", "ndcg")] + [f"mrr@{max(topk)}"])
+    stage1 = next((r for r in rows if r.get("retriever_test")), None)
+    if stage1:  # full ranking: the retriever every HaNoRec row reranks, on its own (the same checkpoint)
+        rows = rows + [{"label": "HaNoRec's retriever alone (stage 1)", **stage1["retriever_test"],
+                        "peak_rss_mb": None, "wall_s": None, "stages": {}, "load": None}]
     stem = os.path.join(out, f"hanorec_{dataset}_{protocol}")
     write_json(stem + ".json", {"meta": meta, "rows": rows})
     with atomic_output(stem + ".md") as f:
@@ -179,8 +189,8 @@ def main(argv=None) -> list[dict]:
     os.makedirs(out, exist_ok=True)
     meta = {"command": " ".join(shlex.quote(a) for a in [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])]),
             "git_commit": git_commit(), "loadavg_start": bench_loadavg()}
-    common = protocol_settings(args.protocol)
     hanorec_extra, baseline_extra = parse_set(args.set), {}
+    common = protocol_settings(args.protocol, int(hanorec_extra.get("n_candidates", 10)))
     dataset, data_path = args.dataset, args.data_path
     if args.smoke:
         from recbole_mm.data.fixtures import FixtureSpec, make_fixture
@@ -224,7 +234,7 @@ def main(argv=None) -> list[dict]:
         folder = os.path.join(out, "hanorec_runs", f"{dataset}_{args.protocol}", label.replace(" ", "_").replace("+", "p"))
         rows.append(run_one(label, model, dataset, cfg, files, folder))
         print(json.dumps(rows[-1]), flush=True)
-        write_table(rows, meta, dataset, args.protocol, out)  # after every row: an interrupted table keeps its rows
+        write_table(rows, meta, dataset, args.protocol, out, common.get("topk", (3,)))  # after every row: an interrupted table keeps its rows
     return rows
 
 
