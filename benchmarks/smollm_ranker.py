@@ -1,4 +1,4 @@
-"""What a pretrained ranker buys: SmolLM2-135M-Instruct vs the retriever's own order, on ml-100k.
+"""What a pretrained ranker buys: SmolLM2-135M-Instruct vs the retriever's own order (ml-100k, Beauty).
 
     python benchmarks/smollm_ranker.py --row retriever            # stage 1 (shared by every row)
     python benchmarks/smollm_ranker.py --row zeroshot
@@ -6,8 +6,10 @@
     python benchmarks/smollm_ranker.py --row small --lr 1e-3      # today's small random model, same prompts
     python benchmarks/smollm_ranker.py --row lora --lr 1e-3 --set ranker_min_history=4 --tag minhist4
     python benchmarks/smollm_ranker.py --report                   # benchmarks/results/smollm_ranker.md
+    python benchmarks/smollm_ranker.py --dataset beauty --data_path dataset --users 1000 --row retriever   # etc.
 
-Every row uses PRIME with the prime-smollm preset on RecBole's bundled ml-100k (text only), the same
+Every row uses PRIME with the prime-smollm preset on RecBole's bundled ml-100k (text only; or
+``--dataset``, e.g. the prepared Beauty: results ``smollm_ranker_<dataset>_*``), the same
 retriever checkpoint (stage 1 is keyed by its settings and reused), and the same fixed random sample
 of test users (``--users``, drawn with the config's seed). For each user the retriever's top-k
 (``n_candidates``) are the candidates; a row reorders them (the retriever row keeps its own order).
@@ -63,15 +65,19 @@ def summarize(rank: torch.Tensor) -> dict:
     return out
 
 
-def setup(overrides: dict):
+DOMAINS = {"ml-100k": "movie", "ml-100k-posters": "movie", "ml-1m-llamarec": "movie", "beauty": "beauty product"}
+
+
+def setup(overrides: dict, dataset: str = "ml-100k", data_path: str | None = None):
     from recbole.utils import init_seed
 
     from recbole_mm.config import Config
     from recbole_mm.utils import create_dataset, data_preparation, get_model, get_trainer
 
     config_dict = {"state": "INFO", "artifacts_dir": os.path.join(ROOT, "saved", "smollm-bench"),
-                   "prompt_domain": "movie", "show_progress": False, **overrides}
-    config = Config("PRIME", "ml-100k", config_file_list=["prime-smollm"], config_dict=config_dict)
+                   "show_progress": False, **({"prompt_domain": DOMAINS[dataset]} if dataset in DOMAINS else {}),
+                   **({"data_path": os.path.abspath(data_path)} if data_path else {}), **overrides}
+    config = Config("PRIME", dataset, config_file_list=["prime-smollm"], config_dict=config_dict)
     init_seed(config["seed"], True)
     from recbole.utils import init_logger
 
@@ -128,7 +134,7 @@ def run_row(args) -> dict:
         overrides["ranker_train_examples"] = args.prompts
     overrides.update(parse_set(args.set))
     started = time.perf_counter()
-    config, trainer, train_data, valid_data, test_data = setup(overrides)
+    config, trainer, train_data, valid_data, test_data = setup(overrides, args.dataset, args.data_path)
     examples = trainer.validation_examples(test_data, users=args.users)
     row = {"row": args.row, "ranker_model": config["ranker_model"], "n_candidates": config["n_candidates"],
            "max_history_items": config["max_history_items"], "load": open("/proc/loadavg").read().split()[:3],
@@ -153,32 +159,41 @@ def run_row(args) -> dict:
     row["wall_s"] = time.perf_counter() - started
     name = args.row + (f"_lr{args.lr:g}" if args.lr is not None and args.row == "lora" else "")
     name += f"_{args.tag}" if args.tag else ""
-    row.update(name=name, tag=args.tag, settings=parse_set(args.set))
+    row.update(name=name, tag=args.tag, settings=parse_set(args.set), dataset=args.dataset)
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"smollm_ranker_{name}.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(RESULTS, f"smollm_ranker_{_stem(args.dataset)}{name}.json"), "w", encoding="utf-8") as f:
         json.dump(row, f, indent=1)
     print(json.dumps({k: v for k, v in row.items() if k != "history"}, indent=1))
     return row
 
 
+DATASET_NOTES = {"ml-100k": "RecBole's bundled ml-100k",
+                 "beauty": "Amazon Beauty (`recbole-mm-data prepare beauty`: titles, brands, categories)"}
 LABELS = {"retriever": "retriever alone (LRURec order)", "zeroshot": "SmolLM2 zero-shot",
           "small": "small random model + training"}
 
 
-def report() -> None:
+def _stem(dataset: str) -> str:
+    """ml-100k's files keep their first names; other datasets' carry the dataset's."""
+    return "" if dataset == "ml-100k" else f"{dataset}_"
+
+
+def report(dataset: str = "ml-100k") -> None:
     rows = []
     for name in sorted(os.listdir(RESULTS)):
         if name.startswith("smollm_ranker_") and name.endswith(".json"):
             with open(os.path.join(RESULTS, name), encoding="utf-8") as f:
-                rows.append(json.load(f))
+                row = json.load(f)
+            if row.get("dataset", "ml-100k") == dataset:
+                rows.append(row)
     order = {"retriever": 0, "zeroshot": 1, "lora": 2, "small": 3}
     rows.sort(key=lambda r: (order.get(r["row"], 9), r.get("learning_rate") or 0, r.get("tag") or ""))
     tagged = [r for r in rows if r.get("tag")]
     rows = [r for r in rows if not r.get("tag")]
     base = next((r for r in rows if r["row"] == "retriever"), None)
-    lines = ["# SmolLM2-135M-Instruct as PRIME's ranker on ml-100k (CPU)", "",
+    lines = [f"# SmolLM2-135M-Instruct as PRIME's ranker on {dataset} (CPU)", "",
              "Made by `benchmarks/smollm_ranker.py` (one process per row, then `--report`); preset "
-             "`prime-smollm`, RecBole's bundled ml-100k, text-only prompts, same LRURec checkpoint for every row, "
+             f"`prime-smollm`, {DATASET_NOTES.get(dataset, dataset)}, text-only prompts, same LRURec checkpoint for every row, "
              f"the same {base['users'] if base else '?'} test users (fixed random sample). Two-stage metrics count "
              "users whose answer is not among the candidates as 0; 'within candidates' is NDCG@10 among the "
              "candidates on the users whose answer is one of them (the ranker's own contribution). "
@@ -235,7 +250,8 @@ def report() -> None:
                          f"{' (' + r['tag'] + ')' if r.get('tag') else ''}: " +
                          ", ".join(f"step {h['step']}: {h['valid_ndcg@10']:.4f}"
                                    + (f" (loss {h['loss']:.3f})" if 'loss' in h else "") for h in r["history"]))
-    with open(os.path.join(RESULTS, "smollm_ranker.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(RESULTS, f"smollm_ranker{'' if dataset == 'ml-100k' else '_' + dataset}.md"), "w",
+              encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -248,12 +264,14 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=500)
     parser.add_argument("--set", action="append", default=[], help="key=value for the row's config (repeatable)")
     parser.add_argument("--tag", default=None, help="suffix of the row's result file (rows that differ by --set)")
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--data_path", default=None, help="folder holding the dataset's folder (~: the project's default)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.row:
         run_row(args)
     if args.report:
-        report()
+        report(args.dataset)
     return 0
 
 
