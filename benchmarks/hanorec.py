@@ -148,7 +148,8 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def write_table(rows: list[dict], meta: dict, dataset: str, protocol: str, out: str, topk=(5, 10, 20)) -> None:
+def write_table(rows: list[dict], meta: dict, dataset: str, protocol: str, out: str, topk=(5, 10, 20),
+                tag: str | None = None) -> None:
     """``hanorec_<dataset>_<protocol>.md`` and ``.json`` of the rows so far."""
     from recbole_mm.files import atomic_output, write_json
 
@@ -161,10 +162,10 @@ def write_table(rows: list[dict], meta: dict, dataset: str, protocol: str, out: 
     if stage1:  # full ranking: the retriever every HaNoRec row reranks, on its own (the same checkpoint)
         rows = rows + [{"label": "HaNoRec's retriever alone (stage 1)", **stage1["retriever_test"],
                         "peak_rss_mb": None, "wall_s": None, "stages": {}, "load": None}]
-    stem = os.path.join(out, f"hanorec_{dataset}_{protocol}")
+    stem = os.path.join(out, f"hanorec_{dataset}_{protocol}" + (f"_{tag}" if tag else ""))
     write_json(stem + ".json", {"meta": meta, "rows": rows})
     with atomic_output(stem + ".md") as f:
-        f.write(f"# HaNoRec on {dataset}, protocol {protocol}\n\n{table(rows, metrics)}\n\n"
+        f.write(f"# HaNoRec on {dataset}, protocol {protocol}{f' ({tag})' if tag else ''}\n\n{table(rows, metrics)}\n\n"
                 f"AUC: HaNoRec rows only (share of (target, negative) pairs ordered correctly). "
                 f"load: /proc/loadavg (1, 5, 15 min) before -> after each row.\n\n"
                 + "".join(f"- {k}: `{v}`\n" for k, v in meta.items()))
@@ -183,6 +184,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--preset", default=PRESET)
     parser.add_argument("--rows", default=None, help="comma-separated labels to run (default: every row)")
     parser.add_argument("--set", action="append", default=[], help="key=value for every HaNoRec row")
+    parser.add_argument("--tag", default=None, help="suffix of the row folders and the table (rows made with --set)")
     parser.add_argument("--smoke", action="store_true", help="generated fixture, tiny caps (machinery only)")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
@@ -231,10 +233,11 @@ def main(argv=None) -> list[dict]:
     for label, model, cfg, files in plan:
         if wanted and label not in wanted:
             continue
-        folder = os.path.join(out, "hanorec_runs", f"{dataset}_{args.protocol}", label.replace(" ", "_").replace("+", "p"))
+        folder = os.path.join(out, "hanorec_runs", f"{dataset}_{args.protocol}" + (f"_{args.tag}" if args.tag else ""),
+                              label.replace(" ", "_").replace("+", "p"))
         rows.append(run_one(label, model, dataset, cfg, files, folder))
         print(json.dumps(rows[-1]), flush=True)
-        write_table(rows, meta, dataset, args.protocol, out, common.get("topk", (3,)))  # after every row: an interrupted table keeps its rows
+        write_table(rows, meta, dataset, args.protocol, out, common.get("topk", (3,)), args.tag)  # after every row: an interrupted table keeps its rows
     return rows
 
 

@@ -152,6 +152,18 @@ def test_early_stopping_after_patience_validations_restores_the_best_weights(tmp
     assert any(not torch.equal(model.state_dict()[k], v) for k, v in stage.validations[3].items())
 
 
+def test_keep_last_trains_every_step_and_keeps_the_last_weights(tmp_path):
+    model = _model()
+    stage = TinyStage(model, scores=[0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])  # "best" would be step 0
+    engine = Engine(stage, model, _settings(valid_every=1, patience=1, keep_best=False),
+                    torch.optim.AdamW(model.parameters(), lr=0.05), str(tmp_path))
+    result = engine.fit(N, _order)
+    assert result.steps == result.total_steps == 6 and result.best == 0.9
+    assert [h["step"] for h in result.history] == [0, 1, 2, 3, 4, 5, 6]
+    for name, value in stage.validations[6].items():  # the weights validated after the last step
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+
+
 class _Tracker:
     def __init__(self):
         self.calls = []

@@ -201,12 +201,15 @@ def test_end_to_end_sampled_protocol_with_auc_and_stage_reuse(tiny_dataset, tmp_
     assert set(test) == {"hit@3", "ndcg@3", "auc"} and all(0 <= v <= 1 for v in test.values())
     assert "retriever" not in first["stages"] and {"ranker", "dpo"} <= set(first["stages"])
     assert first["stages"]["dpo"]["hars"] and first["stages"]["dpo"]["nodo"] and first["stages"]["dpo"]["pairs"] == 16
-    # same settings: both stages reused, same results; another NoDO sigma retrains DPO only
+    # same settings: both stages reused, same results; another NoDO sigma and dpo_keep retrain DPO only,
+    # and dpo_keep: last runs every step (16 pairs / 4 per step), whatever validation says
     again = run_recbole_mm(model="HaNoRec", dataset=name, config_dict=_config(data_path, tmp_path))
     assert again["stages"]["ranker"].get("reused") and again["stages"]["dpo"].get("reused")
     assert again["test_result"] == test
-    other = run_recbole_mm(model="HaNoRec", dataset=name, config_dict=_config(data_path, tmp_path, nodo_sigma=0.05))
+    other = run_recbole_mm(model="HaNoRec", dataset=name,
+                           config_dict=_config(data_path, tmp_path, nodo_sigma=0.05, dpo_keep="last", dpo_patience=1))
     assert other["stages"]["ranker"].get("reused") and not other["stages"]["dpo"].get("reused")
+    assert other["stages"]["dpo"]["steps"] == 4
     # SFT only: no DPO stage
     sft = run_recbole_mm(model="HaNoRec", dataset=name, config_dict=_config(data_path, tmp_path, hanorec_stages="sft"))
     assert "dpo" not in sft["stages"] and sft["stages"]["ranker"].get("reused")
@@ -230,6 +233,8 @@ def test_bad_settings_are_one_line_errors(tiny_dataset, tmp_path):
     data_path, name = tiny_dataset
     with pytest.raises(ConfigError, match="hanorec_stages"):
         run_recbole_mm(model="HaNoRec", dataset=name, config_dict=_config(data_path, tmp_path, hanorec_stages="dpo"))
+    with pytest.raises(ConfigError, match="dpo_keep='final'"):
+        run_recbole_mm(model="HaNoRec", dataset=name, config_dict=_config(data_path, tmp_path, dpo_keep="final"))
     with pytest.raises(UserError, match="hanorec_history_cap=6"):
         run_recbole_mm(model="HaNoRec", dataset=name, config_dict=_config(data_path, tmp_path, hanorec_history_cap=6))
 

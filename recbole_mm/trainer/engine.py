@@ -78,6 +78,8 @@ class EngineSettings:
     log_every: int = 10             # optimizer steps between log lines
     seed: int = 0                   # transformers' set_seed at the start (as init_seed before a stage)
     score_key: str = "score"        # the validation entry that decides early stopping
+    keep_best: bool = True          # False: no early stopping, the last step's weights are kept (validation
+                                    # still runs every valid_every steps, for the curve)
     valid_prefix: str = ""          # prefix of the validation scalars sent to the tracker
     tag: str = ""                   # log line prefix, e.g. "[ranker]"
     checkpoints: bool = False       # write resumable checkpoints (at every validation)
@@ -290,7 +292,7 @@ def _engine_classes():
             if step % s.valid_every and step != state.max_steps:
                 return control
             e.validate_now(step)
-            if e.bad >= s.patience:
+            if s.keep_best and e.bad >= s.patience:
                 logger.info(f"{s.tag} early stop after {e.bad} validations without improvement")
                 control.should_training_stop = True
             if s.checkpoints:
@@ -423,10 +425,11 @@ class Engine:
             first = self.validate_now(0)
             logger.info(f"{s.tag} {per_epoch} examples per epoch, {total} optimizer steps; before: {first}")
         steps = resumed_at or 0
-        if total > 0 and self.bad < s.patience and steps < total:
+        if total > 0 and (self.bad < s.patience or not s.keep_best) and steps < total:
             trainer.train(resume_from_checkpoint=checkpoint)
             steps = trainer.state.global_step
-        self.stage.load_weights(self.best_weights)
+        if s.keep_best:
+            self.stage.load_weights(self.best_weights)
         return EngineResult(self.best, steps, total, self.history, resumed_at)
 
     def _arguments(self):

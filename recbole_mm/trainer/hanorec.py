@@ -98,6 +98,9 @@ class HaNoRecTrainer(PRIMETrainer):
                               "hanorec_stages: sft+dpo")
         if config["hanorec_stages"] not in STAGES:
             raise ConfigError(f"hanorec_stages={config['hanorec_stages']!r}: choose one of {', '.join(STAGES)}")
+        if config["dpo_keep"] not in ("best", "last"):
+            raise ConfigError(f"dpo_keep={config['dpo_keep']!r}: choose best (early stopping, the best validated "
+                              "weights) or last (every step, the last weights)")
         if config["nodo"] and not (config["nodo_sigma"] and config["nodo_sigma"] > 0):
             raise ConfigError(f"nodo_sigma={config['nodo_sigma']!r}: NoDO needs a positive sigma (the paper: 0.05..0.1)")
         super().__init__(config, model)
@@ -263,7 +266,8 @@ class HaNoRecTrainer(PRIMETrainer):
                 epochs=cfg["dpo_epochs"], max_grad_norm=cfg["dpo_max_grad_norm"], schedule="cosine",
                 warmup_steps=cfg["dpo_warmup_steps"], valid_every=cfg["dpo_valid_every"],
                 patience=cfg["dpo_patience"], log_every=cfg["dpo_log_every"], seed=cfg["seed"],
-                score_key="valid_ndcg@10", tag="[HaNoRec dpo]", show_progress=bool(cfg["show_progress"]))
+                score_key="valid_ndcg@10", tag="[HaNoRec dpo]", show_progress=bool(cfg["show_progress"]),
+                keep_best=cfg["dpo_keep"] == "best")
             engine = Engine(stage, scorer.model, settings, optimizer, str(folder),
                             tracker=StageTracker.for_trainer(self, "dpo"))
             n, generator, orders = len(pairs["chosen"]), torch.Generator().manual_seed(cfg["seed"]), {}
