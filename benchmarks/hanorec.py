@@ -172,7 +172,7 @@ def write_table(rows: list[dict], meta: dict, dataset: str, protocol: str, out: 
 
 
 def main(argv=None) -> list[dict]:
-    from recbole_mm.bench import loadavg as bench_loadavg
+    from recbole_mm.bench import loadavg
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--protocol", default="sampled", choices=("sampled", "full"))
@@ -190,7 +190,7 @@ def main(argv=None) -> list[dict]:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     meta = {"command": " ".join(shlex.quote(a) for a in [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])]),
-            "git_commit": git_commit(), "loadavg_start": bench_loadavg()}
+            "git_commit": git_commit(), "loadavg_start": loadavg()}
     hanorec_extra, baseline_extra = parse_set(args.set), {}
     common = protocol_settings(args.protocol, int(hanorec_extra.get("n_candidates", 10)))
     dataset, data_path = args.dataset, args.data_path

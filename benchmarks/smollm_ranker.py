@@ -161,7 +161,7 @@ def run_row(args) -> dict:
     name += f"_{args.tag}" if args.tag else ""
     row.update(name=name, tag=args.tag, settings=parse_set(args.set), dataset=args.dataset)
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"smollm_ranker_{_stem(args.dataset)}{name}.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(RESULTS, f"{_stem(args.dataset)}_{name}.json"), "w", encoding="utf-8") as f:
         json.dump(row, f, indent=1)
     print(json.dumps({k: v for k, v in row.items() if k != "history"}, indent=1))
     return row
@@ -174,8 +174,20 @@ LABELS = {"retriever": "retriever alone (LRURec order)", "zeroshot": "SmolLM2 ze
 
 
 def _stem(dataset: str) -> str:
-    """ml-100k's files keep their first names; other datasets' carry the dataset's."""
-    return "" if dataset == "ml-100k" else f"{dataset}_"
+    """Start of a dataset's result files: ml-100k's keep their first names, others carry the dataset's."""
+    return "smollm_ranker" if dataset == "ml-100k" else f"smollm_ranker_{dataset}"
+
+
+def _label(r: dict) -> str:
+    label = LABELS.get(r["row"], f"SmolLM2 + LoRA (lr {r.get('learning_rate')})")
+    if r.get("settings"):
+        label += ", " + ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+    return label
+
+
+def _best_validation(r: dict) -> dict | None:
+    hist = r.get("history") or []
+    return max(hist, key=lambda h: h["valid_ndcg@10"]) if hist else None
 
 
 def report(dataset: str = "ml-100k") -> None:
@@ -201,15 +213,12 @@ def report(dataset: str = "ml-100k") -> None:
              "| row | backbone | NDCG@10 | Recall@10 | MRR@10 | within candidates NDCG@10 | hit users | notes |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        label = LABELS.get(r["row"], f"SmolLM2 + LoRA (lr {r.get('learning_rate')})")
-        if r.get("settings"):
-            label += ", " + ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+        label = _label(r)
         notes = []
         if "train_prompts" in r and r["train_prompts"] is not None:
             notes.append(f"{r['train_prompts']} training prompts, ranker stage {r['ranker_stage_s']:.0f} s "
                          f"({r['ranker_stage_s'] / max(1, r['train_prompts']):.1f} s/prompt incl. validation)")
-            hist = r.get("history") or []
-            best = max(hist, key=lambda h: h["valid_ndcg@10"]) if hist else None
+            best = _best_validation(r)
             if best is not None:
                 notes.append(f"best validation at step {best['step']}")
         if "score_s_per_prompt" in r:
@@ -231,12 +240,8 @@ def report(dataset: str = "ml-100k") -> None:
                   "| row | tag | NDCG@10 | Recall@10 | within candidates NDCG@10 | hit users | train prompts | "
                   "best validation NDCG@10 (step 0 = before training) | ranker stage s | load |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in tagged:
-            hist = r.get("history") or []
-            best = max(hist, key=lambda h: h["valid_ndcg@10"]) if hist else None
-            label = LABELS.get(r["row"], f"SmolLM2 + LoRA (lr {r.get('learning_rate')})")
-            if r.get("settings"):
-                label += ", " + ", ".join(f"{k} {v}" for k, v in r["settings"].items())
-            lines.append(f"| {label} | {r['tag']} | {r['ndcg@10']:.4f} ± {r['ndcg@10_se']:.4f} | "
+            best = _best_validation(r)
+            lines.append(f"| {_label(r)} | {r['tag']} | {r['ndcg@10']:.4f} ± {r['ndcg@10_se']:.4f} | "
                          f"{r['recall@10']:.4f} | {r['within_ndcg@10']:.4f} ± {r['within_ndcg@10_se']:.4f} | "
                          f"{r['hit_users']}/{r['users']} | {r.get('train_prompts') or '-'} | "
                          + (f"{best['valid_ndcg@10']:.4f} (step {best['step']})" if best else "-") + " | "
@@ -250,8 +255,7 @@ def report(dataset: str = "ml-100k") -> None:
                          f"{' (' + r['tag'] + ')' if r.get('tag') else ''}: " +
                          ", ".join(f"step {h['step']}: {h['valid_ndcg@10']:.4f}"
                                    + (f" (loss {h['loss']:.3f})" if 'loss' in h else "") for h in r["history"]))
-    with open(os.path.join(RESULTS, f"smollm_ranker{'' if dataset == 'ml-100k' else '_' + dataset}.md"), "w",
-              encoding="utf-8") as f:
+    with open(os.path.join(RESULTS, f"{_stem(dataset)}.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
